@@ -1,0 +1,1 @@
+"""Layer 1: pure functions on tensors (no modules, no state), each testable against float64."""

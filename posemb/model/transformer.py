@@ -1,0 +1,159 @@
+"""A small decoder-only language model (pre-norm, nanoGPT-like) where the positional scheme is
+one argument. Every scheme supports KV-cache decoding through explicit positions."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_int, check_tensor
+from posemb.model.attention import MultiHeadAttention
+from posemb.model.cache import KVCache, LayerCache
+from posemb.registry import build_for_model, scheme_class
+from posemb.schemes.base import PositionalScheme
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, scheme: PositionalScheme | None, *, causal: bool, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads, scheme, causal=causal)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_ratio * dim)
+
+    def forward(self, x: Tensor, positions: Tensor, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only LM: token embedding, positional scheme, ``depth`` pre-norm blocks, tied head.
+
+    Args:
+        vocab_size: number of tokens.
+        dim: model width; ``dim // heads`` is the head dimension.
+        depth: number of blocks.
+        heads: attention heads.
+        scheme: a name from :func:`posemb.available` (default ``"rope"``).
+        causal: decoder (True) or bidirectional encoder (False).
+        mlp_ratio: hidden width of the MLP as a multiple of ``dim``.
+        **scheme_options: options of the scheme (see :func:`posemb.scheme_options`).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, scheme: str = "rope", *,
+                 causal: bool = True, mlp_ratio: int = 4, **scheme_options: Any) -> None:
+        super().__init__()
+        check_int("vocab_size", vocab_size, minimum=1)
+        check_int("dim", dim, minimum=1)
+        check_int("depth", depth, minimum=1)
+        check_int("heads", heads, minimum=1)
+        check_int("mlp_ratio", mlp_ratio, minimum=1)
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
+        self.vocab_size, self.dim, self.depth, self.heads = vocab_size, dim, depth, heads
+        self.causal = causal
+        self.scheme_name = scheme
+        self.scheme_options = dict(scheme_options)
+        cls = scheme_class(scheme)
+        context = {"dim": dim, "num_heads": heads, "head_dim": dim // heads, "causal": causal}
+
+        def make() -> PositionalScheme:
+            return build_for_model(scheme, context=context, options=scheme_options)
+
+        shared = None if cls.per_layer else make()
+        # Site-1 schemes act once, on the input; the layers then see no scheme at all.
+        self.input_scheme = shared if cls.site == "input" else None
+        layer_schemes = [None if cls.site == "input" else (shared or make()) for _ in range(depth)]
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, s, causal=causal, mlp_ratio=mlp_ratio) for s in layer_schemes)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def schemes(self) -> list[PositionalScheme]:
+        """The distinct scheme instances in this model (one if shared, ``depth`` if per layer)."""
+        found: dict[int, PositionalScheme] = {}
+        for module in self.modules():
+            if isinstance(module, PositionalScheme):
+                found.setdefault(id(module), module)
+        return list(found.values())
+
+    def num_position_parameters(self) -> int:
+        """Parameters the positional scheme adds to the model."""
+        return sum(s.num_added_parameters() for s in self.schemes)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.depth)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits (batch, seq, vocab). ``positions`` defaults to ``arange`` continuing the cache."""
+        check_tensor("tokens", tokens, ndim=2, integer=True)
+        batch, length = tokens.shape
+        if length == 0:
+            raise ValueError("tokens must contain at least one position, got shape "
+                             f"{tuple(tokens.shape)}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
+        if positions is None:
+            start = 0 if cache is None or cache.next_position is None else cache.next_position
+            offsets = torch.arange(length, device=tokens.device)
+            positions = (offsets + (start[:, None] if isinstance(start, Tensor) else start)).expand(batch, length)
+        else:
+            check_tensor("positions", positions, ndim=2, integer=True)
+            if positions.shape != tokens.shape:
+                raise ValueError(f"positions must have the shape of tokens {tuple(tokens.shape)}, "
+                                 f"got {tuple(positions.shape)}")
+            if bool((positions < 0).any()):
+                raise ValueError("positions must be >= 0")
+        positions = positions.to(device=tokens.device, dtype=torch.long)
+        x = self.embed(tokens)
+        if self.input_scheme is not None:
+            x = self.input_scheme.embed_input(x, positions)
+        for index, block in enumerate(self.blocks):
+            x = block(x, positions, None if cache is None else cache.layers[index])
+        if cache is not None:
+            cache.next_position = positions[:, -1] + 1
+        return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Sample ``max_new_tokens`` after ``prompt`` (batch, seq) with the KV cache; temperature 0 is greedy."""
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
+        cache = self.new_cache()
+        logits = self(prompt, cache=cache)[:, -1]
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                scaled = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(scaled, min(top_k, scaled.shape[-1])).values[:, -1:]
+                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+                token = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator)
+            out.append(token)
+            logits = self(token, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)

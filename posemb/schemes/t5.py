@@ -1,0 +1,47 @@
+"""T5's learned scalar bias per log-spaced distance bucket (Raffel et al. 2020, JMLR 21(140))."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_int
+from posemb.functional.buckets import t5_relative_bucket
+from posemb.registry import register
+from posemb.schemes.base import PositionalScheme, relative_distance
+
+
+@register("t5")
+class T5Bias(PositionalScheme):
+    """``s_ij += b_h[bucket(j - i)]``: one learned scalar per (bucket, head), shared by all layers
+    (as in T5, where layer 0 owns it).
+
+    Args:
+        num_heads: attention heads.
+        causal: causal buckets (future keys collapse to bucket 0) or bidirectional ones.
+        num_buckets: number of buckets (>= 2; >= 4 when bidirectional).
+        max_distance: distances beyond it share the last bucket.
+    """
+
+    site = "bias"
+    family = "relative"
+
+    def __init__(self, num_heads: int, causal: bool = True, num_buckets: int = 32, max_distance: int = 128) -> None:
+        super().__init__()
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        self.num_buckets = check_int("num_buckets", num_buckets, minimum=2)
+        self.max_distance = check_int("max_distance", max_distance, minimum=1)
+        self.causal = bool(causal)
+        if not self.causal and num_buckets < 4:
+            raise ValueError(f"num_buckets must be >= 4 for a bidirectional T5 bias, got {num_buckets}")
+        self.bias = nn.Embedding(num_buckets, num_heads)
+        nn.init.zeros_(self.bias.weight)
+
+    def buckets(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        return t5_relative_bucket(relative_distance(q_positions, k_positions), bidirectional=not self.causal,
+                                  num_buckets=self.num_buckets, max_distance=self.max_distance)
+
+    def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        return self.bias(self.buckets(q_positions, k_positions)).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}, causal={self.causal}"
