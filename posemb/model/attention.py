@@ -46,9 +46,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_p
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device))
     # A 4-D mask keeps SDPA off its slow math kernel (a 3-D one silently falls back to it).
     bias = bias.to(q.dtype)
-    if bias.dim() != 4:
-        raise ValueError(f"{type(scheme).__name__}.score_bias must return 4 dims (batch, heads, Lq, Lk), "
-                         f"got shape {tuple(bias.shape)}")
+    if bias.dim() != 4 or bias.shape[1] != q.shape[1] or bias.shape[-2:] != (q_len, k_len) \
+            or bias.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"{type(scheme).__name__}.score_bias must return shape (batch or 1, heads={q.shape[1]}, "
+                         f"Lq={q_len}, Lk={k_len}), got {tuple(bias.shape)}; does the scheme's num_heads "
+                         f"match the attention's?")
     if causal and q_len > 1:
         bias = bias.masked_fill(~causal_mask(q_len, k_len, q.device), float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

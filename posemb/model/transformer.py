@@ -114,6 +114,10 @@ class TransformerLM(nn.Module):
         if length == 0:
             raise ValueError("tokens must contain at least one position, got shape "
                              f"{tuple(tokens.shape)}")
+        if not torch.compiler.is_compiling():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in [{low}, {high}]")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
         if positions is None:
