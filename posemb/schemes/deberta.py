@@ -1,0 +1,160 @@
+"""DeBERTa's disentangled attention (He et al. 2020, arXiv 2006.03654, §3.1; DeBERTa-v2/v3 as in
+Hugging Face ``transformers/models/deberta_v2/modeling_deberta_v2.py``).
+
+    A_ij = Q^c_i . K^c_j                 (content-to-content, the plain q . k)
+         + Q^c_i . K^r[delta(i, j)]      (c2p)
+         + K^c_j . Q^r[delta(i, j)]      (p2c)
+    H = softmax(A / sqrt((1 + #terms) * d)) V          (p2p is dropped, as in the paper)
+
+with ``K^r = P W_{k,r}``, ``Q^r = P W_{q,r}`` and P a learned table of ``2 * span`` relative
+embeddings. ``delta(i, j) = clamp(rel + span, 0, 2 span - 1)`` where ``rel = i - j`` (query minus
+key, HF's ``relative_pos``), optionally first log-bucketed (DeBERTa-v2 ``position_buckets``), and
+then ``span = position_buckets``; otherwise ``span = max_relative_positions`` (the paper's k).
+
+Index convention. The paper's Eq. 4 writes the p2c term with ``delta(j, i)``; the released code
+(and HF) gather the key-by-position scores with ``clamp(-r_pos + span)`` where ``r_pos`` is
+indexed [key][query], which is the same ``delta(i, j) = clamp(i - j + span)`` as c2p. This module
+follows the released code, so checkpoints' P tables mean the same thing here (checked against
+HF's ``DisentangledSelfAttention`` in the tests).
+
+Computed without an (Lq, Lk, d) tensor: ``q @ K^r^T`` (Lq, 2 span) and ``k @ Q^r^T`` (Lk, 2 span)
+are scored once and gathered into (Lq, Lk).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_int
+from posemb.functional.buckets import deberta_log_bucket
+from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key
+from posemb.registry import register
+from posemb.schemes.base import PositionalScheme
+
+POSITION_TERMS = ("c2p", "p2c")
+
+
+def _parse_pos_att_type(pos_att_type: str | Iterable[str]) -> tuple[str, ...]:
+    """Accept ``("c2p", "p2c")`` or HF's string form ``"p2c|c2p"``; reject p2p, repeats and empty."""
+    if isinstance(pos_att_type, str):
+        terms = tuple(t.strip() for t in pos_att_type.split("|") if t.strip())
+    else:
+        try:
+            terms = tuple(pos_att_type)
+        except TypeError:
+            raise TypeError(f"pos_att_type must be a tuple of strings from {POSITION_TERMS} or a string "
+                            f"like 'c2p|p2c', got {type(pos_att_type).__name__} ({pos_att_type!r})") from None
+    if not terms:
+        raise ValueError(f"pos_att_type must name at least one of {POSITION_TERMS}, got {pos_att_type!r} "
+                         "(use the 'nope' scheme for attention without position)")
+    for term in terms:
+        if term not in POSITION_TERMS:
+            raise ValueError(f"pos_att_type entries must be in {POSITION_TERMS} (p2p is dropped in DeBERTa), "
+                             f"got {term!r} in {pos_att_type!r}")
+    if len(set(terms)) != len(terms):
+        raise ValueError(f"pos_att_type must not repeat a term, got {pos_att_type!r}")
+    return terms
+
+
+@register("deberta")
+class DeBERTaRelative(PositionalScheme):
+    """Disentangled content/position attention with relative embeddings P.
+
+    One instance is shared by every layer (``per_layer = False``): P is shared across layers as
+    in the paper. The position projections ``W_{k,r}`` (``pos_key_proj``) and ``W_{q,r}``
+    (``pos_query_proj``), Linear(dim, num_heads * head_dim), live in the same instance and are
+    therefore shared across layers too. DeBERTa/HF give each layer its own (``share_att_key``
+    reuses that layer's key/query projections); the scheme interface gives a shared scheme no
+    way to know which layer calls it, so per-layer projections are not expressible here.
+
+    Parameters (whole model): ``2 span dim`` for P plus ``dim * num_heads * head_dim`` per
+    position term (plus biases, LayerNorm when enabled). For dim 64, 4 heads, span 128, both
+    terms: 16,384 + 8,192.
+
+    Args:
+        dim: model width (rows of P have this width).
+        num_heads: attention heads.
+        head_dim: per-head width; default ``dim // num_heads`` (then ``dim`` must divide evenly).
+        max_relative_positions: k, the largest distance with its own embedding (>= 1); with
+            ``position_buckets`` it is the distance where the log buckets reach the end.
+        position_buckets: DeBERTa-v2 log buckets when > 0 (>= 2; v3 uses 256 with
+            ``max_relative_positions=512``); 0 or -1 for plain clipping.
+        pos_att_type: the position terms, a subset of ("c2p", "p2c"), or HF's "c2p|p2c" string.
+        projection_bias: biases in ``W_{k,r}``, ``W_{q,r}`` (HF has them; the paper's formulas do not).
+        norm_rel_embeddings: LayerNorm on P before projecting (DeBERTa-v3 ``norm_rel_ebd``).
+    """
+
+    site = "content"
+    family = "relative"
+    per_layer = False
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, max_relative_positions: int = 128,
+                 position_buckets: int = 0, pos_att_type: str | Iterable[str] = POSITION_TERMS,
+                 projection_bias: bool = False, norm_rel_embeddings: bool = False) -> None:
+        super().__init__()
+        self.dim = check_int("dim", dim, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) "
+                                 "when head_dim is not given")
+            head_dim = dim // num_heads
+        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.max_relative_positions = check_int("max_relative_positions", max_relative_positions, minimum=1)
+        self.position_buckets = check_int("position_buckets", position_buckets, minimum=-1)
+        if position_buckets == 1:
+            raise ValueError("position_buckets must be >= 2 (log buckets) or 0 / -1 (plain clipping), got 1")
+        if position_buckets > 0 and max_relative_positions - 1 <= position_buckets // 2:
+            # The log-bucket formula divides by log((max_position - 1) / (buckets // 2)).
+            raise ValueError(f"max_relative_positions must be > position_buckets // 2 + 1 = "
+                             f"{position_buckets // 2 + 1} when position_buckets={position_buckets}, "
+                             f"got {max_relative_positions}")
+        self.pos_att_type = _parse_pos_att_type(pos_att_type)
+        for name, flag in (("projection_bias", projection_bias), ("norm_rel_embeddings", norm_rel_embeddings)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
+        self.span = position_buckets if position_buckets > 0 else max_relative_positions
+        self.rel_embeddings = nn.Embedding(2 * self.span, dim)  # P
+        self.rel_norm = nn.LayerNorm(dim) if norm_rel_embeddings else None
+        inner = num_heads * head_dim
+        self.pos_key_proj = nn.Linear(dim, inner, bias=projection_bias) if "c2p" in self.pos_att_type else None
+        self.pos_query_proj = nn.Linear(dim, inner, bias=projection_bias) if "p2c" in self.pos_att_type else None
+
+    def logit_scale(self, head_dim: int) -> float:
+        """``1 / sqrt(head_dim * (1 + #position terms))``: 1/sqrt(3d) with both c2p and p2c (§3.1)."""
+        return (head_dim * (1 + len(self.pos_att_type))) ** -0.5
+
+    def relative_index(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """delta(i, j): (batch, Lq, Lk) rows of P, ``clamp(bucket(i - j) + span, 0, 2 span - 1)``."""
+        rel = query_minus_key(q_positions, k_positions)
+        if self.position_buckets > 0:
+            rel = deberta_log_bucket(rel, self.position_buckets, self.max_relative_positions)
+        return (rel + self.span).clamp(0, 2 * self.span - 1)
+
+    def _projected(self, projection: nn.Linear, dtype: torch.dtype) -> Tensor:
+        table = self.rel_embeddings.weight
+        if self.rel_norm is not None:
+            table = self.rel_norm(table)
+        return projection(table).view(2 * self.span, self.num_heads, self.head_dim).transpose(0, 1).to(dtype)
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """c2p + p2c as (batch, heads, Lq, Lk), unscaled (``logit_scale`` scales them with q . k)."""
+        if q.shape[1] != self.num_heads:
+            raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
+        index = self.relative_index(q_positions, k_positions)
+        total = None
+        if self.pos_key_proj is not None:      # c2p: q_i . K^r[delta(i, j)]
+            key_r = self._projected(self.pos_key_proj, q.dtype)                     # (H, 2 span, d)
+            total = gather_relative(q @ key_r.transpose(-1, -2), index)
+        if self.pos_query_proj is not None:    # p2c: k_j . Q^r[delta(i, j)]
+            query_r = self._projected(self.pos_query_proj, k.dtype)
+            p2c = gather_relative_rows(k @ query_r.transpose(-1, -2), index)
+            total = p2c if total is None else total + p2c
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, span={self.span}, "
+                f"max_relative_positions={self.max_relative_positions}, position_buckets={self.position_buckets}, "
+                f"pos_att_type={self.pos_att_type}")

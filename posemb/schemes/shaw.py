@@ -1,0 +1,89 @@
+"""Shaw, Uszkoreit & Vaswani 2018, "Self-Attention with Relative Position Representations"
+(arXiv 1803.02155, §3).
+
+    e_ij = q_i . (k_j + a^K_ij) / sqrt(d),   alpha = softmax_j(e),   z_i = sum_j alpha_ij (v_j + a^V_ij)
+    a^K_ij = w^K[clip(j - i, k)],  a^V_ij = w^V[clip(j - i, k)],  clip(x, k) = max(-k, min(k, x))
+
+with learned ``w^K, w^V`` of shape (2k+1, head_dim). Computed without the (Lq, Lk, head_dim)
+tensors a^K, a^V (the paper's §3.3 and Music Transformer's point): ``q @ w^K^T`` gives an
+(Lq, 2k+1) table that a gather moves to (Lq, Lk); the value term sums the probabilities of each
+clipped distance into (Lq, 2k+1) with a scatter_add and multiplies by ``w^V``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_int
+from posemb.functional.relative import clipped_index, gather_relative, key_minus_query, scatter_relative
+from posemb.registry import register
+from posemb.schemes.base import PositionalScheme
+
+
+@register("shaw")
+class ShawRelative(PositionalScheme):
+    """Learned key and value vectors per clipped relative distance ``clip(j - i, k)``.
+
+    Each layer owns its tables (``per_layer = True``, as in the paper). By default one table is
+    shared by the heads of a layer, as the paper does ("sharing them across each head", §3.3);
+    ``per_head=True`` gives every head its own (an (H, 2k+1, d) table).
+
+    Parameters per layer: ``2 * (2k + 1) * head_dim`` (times ``num_heads`` with ``per_head``);
+    with the default k = 16 and head_dim 64 that is 4,224.
+
+    Args:
+        head_dim: dimension of one head (d_z = d_a in the paper).
+        num_heads: attention heads; only used with ``per_head=True``.
+        max_relative_position: the clip distance k >= 0 (paper's base model: 16). k = 0 makes
+            every distance share one vector: a^K then cancels in the softmax and the model is
+            position-blind (the paper's Table 2 row k = 0).
+        per_head: a separate table per head instead of one per layer.
+    """
+
+    site = "content"
+    family = "relative"
+    per_layer = True
+
+    def __init__(self, head_dim: int, num_heads: int = 1, max_relative_position: int = 16,
+                 per_head: bool = False) -> None:
+        super().__init__()
+        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        self.max_relative_position = check_int("max_relative_position", max_relative_position, minimum=0)
+        if not isinstance(per_head, bool):
+            raise TypeError(f"per_head must be a bool, got {type(per_head).__name__} ({per_head!r})")
+        self.per_head = per_head
+        tables = num_heads if per_head else 1
+        rows = 2 * max_relative_position + 1
+        # Leading axis broadcasts over heads: 1 (shared) or H (per head).
+        self.key_table = nn.Parameter(torch.randn(tables, rows, head_dim) * 0.02)
+        self.value_table = nn.Parameter(torch.randn(tables, rows, head_dim) * 0.02)
+
+    @property
+    def num_rows(self) -> int:
+        return 2 * self.max_relative_position + 1
+
+    def distance_index(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """(batch, Lq, Lk) row of ``clip(j - i, k)`` in the tables, in ``[0, 2k]``."""
+        return clipped_index(key_minus_query(q_positions, k_positions), self.max_relative_position)
+
+    def _check_heads(self, tensor: Tensor) -> None:
+        if self.per_head and tensor.shape[1] != self.num_heads:
+            raise ValueError(f"per-head Shaw tables were built for num_heads={self.num_heads}, "
+                             f"got a tensor with {tensor.shape[1]} heads (shape {tuple(tensor.shape)})")
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """``q_i . w^K[clip(j - i, k)]`` as (batch, heads, Lq, Lk)."""
+        self._check_heads(q)
+        per_distance = q @ self.key_table.to(q.dtype).transpose(-1, -2)  # (B, H, Lq, 2k+1)
+        return gather_relative(per_distance, self.distance_index(q_positions, k_positions))
+
+    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """``sum_j alpha_ij w^V[clip(j - i, k)]`` as (batch, heads, Lq, head_dim)."""
+        self._check_heads(probs)
+        per_distance = scatter_relative(probs, self.distance_index(q_positions, k_positions), self.num_rows)
+        return per_distance @ self.value_table.to(probs.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, max_relative_position={self.max_relative_position}, "
+                f"per_head={self.per_head}" + (f", num_heads={self.num_heads}" if self.per_head else ""))

@@ -1,0 +1,86 @@
+"""Transformer-XL's relative attention (Dai et al. 2019, arXiv 1901.02860, §3.3 and App. B).
+
+    A^rel_ij = q_i . k_j            (a) content
+             + q_i . W_R R_{i-j}    (b) content-dependent positional bias
+             + u . k_j              (c) global content bias
+             + v . W_R R_{i-j}      (d) global positional bias
+
+``R`` is the fixed sinusoid ``[sin(d * inv_freq), cos(d * inv_freq)]`` of the distance
+``d = i - j`` (model width, concatenated order as in the official ``PositionalEmbedding``),
+``W_R`` a learned projection separate from the key projection, ``u, v`` learned per head. As in
+the official code, (b) + (d) is computed as ``(q_i + v) . W_R R_{i-j}`` and the whole sum is scaled
+by 1/sqrt(head_dim).
+
+Efficient form (App. B): ``W_R R`` is computed only for the distinct distances present
+(O((Lq + Lk) * dim) work), ``(q + v)`` is scored against them, and a gather places each score at
+its (i, j). The distances come from the position tensors, so decoding with a KV cache and position
+offsets need no special case, and both signs of ``i - j`` (bidirectional attention) are handled.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_even, check_float, check_int
+from posemb.functional.relative import distinct_distances, gather_relative, query_minus_key
+from posemb.functional.sinusoidal import sinusoid_concat
+from posemb.registry import register
+from posemb.schemes.base import PositionalScheme
+
+
+@register("transformer_xl")
+class TransformerXLRelative(PositionalScheme):
+    """Sinusoidal relative embeddings ``R_{i-j}`` with projection ``W_R`` and the biases u, v.
+
+    Each layer owns ``W_R``, ``u`` and ``v`` (``per_layer = True``). The official code shares u
+    and v across layers unless ``untie_r`` is set; owning them per layer is its ``untie_r=True``.
+
+    Parameters per layer: ``dim * num_heads * head_dim + 2 * num_heads * head_dim`` (for
+    dim = 512, 8 heads of 64: 270,336).
+
+    Args:
+        dim: model width, the width of the sinusoid ``R`` (even).
+        num_heads: attention heads.
+        head_dim: per-head width; default ``dim // num_heads`` (then ``dim`` must divide evenly).
+        base: the sinusoid's base (10000 in the paper).
+    """
+
+    site = "content"
+    family = "relative"
+    per_layer = True
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, base: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = check_even("dim", dim)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        if head_dim is None:
+            if dim % num_heads:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) "
+                                 "when head_dim is not given")
+            head_dim = dim // num_heads
+        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.base = check_float("base", base, minimum=1.0, strict_minimum=True)
+        self.r_proj = nn.Linear(dim, num_heads * head_dim, bias=False)  # W_{k,R}
+        # std 0.02 like the official code's init_std.
+        self.content_bias = nn.Parameter(torch.randn(num_heads, head_dim) * 0.02)   # u
+        self.position_bias = nn.Parameter(torch.randn(num_heads, head_dim) * 0.02)  # v
+
+    def relative_embeddings(self, distances: Tensor) -> Tensor:
+        """``W_R R_d`` for a 1-D tensor of distances: (num_heads, len(distances), head_dim)."""
+        table = sinusoid_concat(distances, self.dim, self.base, dtype=self.r_proj.weight.dtype)
+        projected = self.r_proj(table)
+        return projected.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        """Terms (b) + (c) + (d) as (batch, heads, Lq, Lk)."""
+        if q.shape[1] != self.num_heads:
+            raise ValueError(f"Transformer-XL was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
+        distances, index = distinct_distances(query_minus_key(q_positions, k_positions))
+        r = self.relative_embeddings(distances).to(q.dtype)                           # (H, R, d)
+        shifted_q = q + self.position_bias.to(q.dtype)[:, None, :]                     # q_i + v
+        positional = gather_relative(shifted_q @ r.transpose(-1, -2), index)           # (b) + (d)
+        content = (k @ self.content_bias.to(k.dtype)[:, :, None]).transpose(-1, -2)   # (c): (B, H, 1, Lk)
+        return positional + content
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}"
