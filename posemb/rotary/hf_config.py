@@ -1,0 +1,291 @@
+"""Load RoPE settings from Hugging Face model configs (and write them back).
+
+Accepts a ``transformers`` ``PretrainedConfig`` (v4 or v5) or a plain dict such as a parsed
+``config.json``. The rules follow transformers 5.24 (``RotaryEmbeddingConfigMixin`` in
+``modeling_rope_utils.py`` plus the per-model ``convert_rope_params_to_dict`` overrides), so a config
+that transformers loads gives the same ``inv_freq`` here:
+
+* **Where the schedule lives.** v5: ``rope_parameters`` (with ``rope_theta`` inside). v4:
+  ``rope_scaling`` (``None`` for plain RoPE) plus a top-level ``rope_theta``. If both dicts are
+  present they must agree. A per-layer dict (``{"full_attention": {...}, "sliding_attention": {...}}``)
+  needs ``layer_type=``.
+* **Type.** ``rope_type``, or the legacy ``type`` (a conflicting pair raises). Missing means
+  ``"default"``. Aliases: ``"su"`` -> ``"longrope"`` (early Phi-3 configs; vLLM does the same), and for
+  ``model_type == "phi3"`` also ``"yarn"`` -> ``"longrope"`` (what ``Phi3Config`` does). ``"ntk"``
+  (static NTK-aware) is a posemb type that transformers does not know.
+* **Base.** ``rope_theta`` in the dict, else top-level ``rope_theta``, else GPT-NeoX's
+  ``rotary_emb_base``, else 10000 (HF's ``default_theta``).
+* **Rotary fraction.** ``partial_rotary_factor`` in the dict or at the top level, else GPT-NeoX's
+  ``rotary_pct`` (default 0.25 for ``model_type == "gpt_neox"``, as ``GPTNeoXConfig``), else GPT-J's
+  absolute ``rotary_dim``, else 1. ``rotary_dim = int(head_dim * partial_rotary_factor)`` (HF's rounding).
+* **Head size.** ``head_dim``, else DeepSeek's ``qk_rope_head_dim`` (only that slice is rotated),
+  else ``hidden_size // num_attention_heads`` (GPT-J's ``n_embd``/``n_head`` also work).
+* **Pretraining length.** For llama3/yarn/longrope a top-level ``original_max_position_embeddings``
+  (Phi-3 style) overrides the dict's; if neither exists it is ``max_position_embeddings`` (HF's
+  ``standardize_rope_params``).
+* **Layout.** ``"interleaved"`` for ``rope_interleave=True`` (DeepSeek-V2/V3) and for GPT-J, CodeGen
+  and Llama 4 (complex-number RoPE on adjacent pairs); ``"half"`` (rotate_half, NeoX/Llama) otherwise.
+
+Anything that would load silently but compute a different model raises ``ValueError`` naming the key:
+an unknown ``rope_type`` (the message lists the known ones), a missing required key, ``factor < 1``,
+``low_freq_factor > high_freq_factor``, factor lists of the wrong length, a non-positive base, a
+``partial_rotary_factor`` outside (0, 1], an odd rotary dimension, and (with ``strict=True``, the
+default) any key the schedule does not use — transformers only warns about those, but keys such as
+``mrope_section`` or Phi-3.5-MoE's ``short_mscale`` change the model in other engines.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Mapping
+
+from posemb._validation import check_float, check_int
+from posemb.functional.rope_schedules import ROPE_TYPES, _ALLOWED_KEYS, validate_rope_params
+
+#: legacy / engine-specific names accepted for ``rope_type``
+ROPE_TYPE_ALIASES = {"su": "longrope"}
+#: model types whose rotation pairs adjacent channels (2i, 2i+1)
+_INTERLEAVED_MODEL_TYPES = {"gptj", "codegen", "llama4", "llama4_text"}
+_NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope")
+#: keys the schedule dict may carry besides the schedule's own parameters
+_META_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+_MISSING = object()
+
+
+class _Reader:
+    """Reads a field from a ``PretrainedConfig`` (attributes, including ``attribute_map`` aliases) or a dict."""
+
+    def __init__(self, config: Any):
+        if isinstance(config, Mapping):
+            self.mapping: Mapping[str, Any] | None = config
+        elif hasattr(config, "__dict__") or hasattr(config, "to_dict"):
+            self.mapping = None
+        else:
+            raise TypeError(f"config must be a transformers PretrainedConfig or a dict, got {type(config).__name__}")
+        self.config = config
+        self.is_object = self.mapping is None
+
+    def get(self, *names: str, default: Any = None) -> Any:
+        for name in names:
+            if self.mapping is not None:
+                value = self.mapping.get(name, _MISSING)
+            else:
+                with warnings.catch_warnings():  # v5's ``rope_scaling`` property warns on access
+                    warnings.simplefilter("ignore")
+                    try:
+                        value = getattr(self.config, name, _MISSING)
+                    except Exception:  # a property that cannot answer counts as absent
+                        value = _MISSING
+            if value is not _MISSING and value is not None:
+                return value
+        return default
+
+    def has(self, name: str) -> bool:
+        return self.get(name, default=_MISSING) is not _MISSING
+
+
+def _schedule_dict(reader: _Reader, layer_type: str | None) -> dict[str, Any]:
+    """The (flat) RoPE dict of the config, or {} for plain RoPE described only by top-level keys."""
+    parameters = reader.get("rope_parameters")
+    scaling = reader.get("rope_scaling")
+    for name, value in (("rope_parameters", parameters), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"config {name} must be a dict or None, got {type(value).__name__}")
+    if parameters is not None and scaling is not None and dict(parameters) != dict(scaling):
+        # v5 objects expose rope_scaling as an alias of rope_parameters, so only a real disagreement lands here
+        raise ValueError(f"config has both rope_parameters={dict(parameters)!r} and rope_scaling={dict(scaling)!r} "
+                         "and they differ; keep one")
+    rope = dict(parameters if parameters is not None else scaling if scaling is not None else {})
+
+    nested = bool(rope) and all(v is None or isinstance(v, Mapping) for v in rope.values())
+    if nested:
+        if layer_type is None:
+            raise ValueError(f"config rope_parameters is per layer type {sorted(rope)}; pass layer_type= one of them")
+        if layer_type not in rope:
+            raise ValueError(f"layer_type must be one of {sorted(rope)}, got {layer_type!r}")
+        if rope[layer_type] is None:
+            raise ValueError(f"rope_parameters[{layer_type!r}] is None: that layer type uses no RoPE (NoPE)")
+        return dict(rope[layer_type])
+    if layer_type is not None:
+        raise ValueError(f"layer_type={layer_type!r} given but config rope parameters are not per layer type")
+    return rope
+
+
+def _rope_type(rope: dict[str, Any], model_type: str | None) -> str:
+    new, legacy = rope.get("rope_type"), rope.get("type")
+    if new is not None and legacy is not None and new != legacy:
+        raise ValueError(f"config rope 'type'={legacy!r} conflicts with 'rope_type'={new!r}")
+    rope_type = new if new is not None else legacy if legacy is not None else "default"
+    if not isinstance(rope_type, str):
+        raise TypeError(f"config rope_type must be a string, got {type(rope_type).__name__} ({rope_type!r})")
+    rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
+    if model_type == "phi3" and rope_type == "yarn":
+        rope_type = "longrope"  # Phi3Config's backward-compatibility rename
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config rope_type {rope_type!r} is not supported; known rope types: {list(ROPE_TYPES)} "
+                         f"(aliases: {ROPE_TYPE_ALIASES})")
+    return rope_type
+
+
+def _pick(name: str, in_dict: Any, top_level: Any, reader: _Reader) -> Any:
+    """Dict value wins; on a plain dict config a different top-level value is an ambiguity."""
+    if in_dict is not None and top_level is not None and not reader.is_object and float(in_dict) != float(top_level):
+        raise ValueError(f"config {name} is {in_dict!r} inside the rope dict but {top_level!r} at the top level")
+    return in_dict if in_dict is not None else top_level
+
+
+def _head_dim(reader: _Reader) -> int:
+    head_dim = reader.get("head_dim", "qk_rope_head_dim")
+    if head_dim is None:
+        hidden = reader.get("hidden_size", "n_embd", "d_model")
+        heads = reader.get("num_attention_heads", "n_head")
+        if hidden is None or heads is None:
+            raise ValueError("config needs head_dim, or hidden_size and num_attention_heads, to size RoPE")
+        check_int("config hidden_size", hidden, minimum=1)
+        check_int("config num_attention_heads", heads, minimum=1)
+        head_dim = hidden // heads  # HF floors too
+    return check_int("config head_dim", head_dim, minimum=1)
+
+
+def _partial_rotary_factor(rope: dict[str, Any], reader: _Reader, model_type: str | None, head_dim: int) -> float:
+    factor = _pick("partial_rotary_factor", rope.get("partial_rotary_factor"),
+                   reader.get("partial_rotary_factor"), reader)
+    if factor is None:
+        factor = reader.get("rotary_pct")
+    if factor is None and model_type == "gpt_neox":
+        factor = 0.25  # GPTNeoXConfig's default rotary_pct
+    if factor is None and reader.get("rotary_dim") is not None:
+        rotary_dim = check_int("config rotary_dim", reader.get("rotary_dim"), minimum=1)
+        factor = rotary_dim / head_dim
+        while int(head_dim * factor) < rotary_dim:  # keep int(head_dim * factor) == rotary_dim despite rounding
+            factor = math.nextafter(factor, math.inf)
+    if factor is None:
+        factor = 1.0
+    factor = check_float("config partial_rotary_factor", factor)
+    if not 0.0 < factor <= 1.0:
+        raise ValueError(f"config partial_rotary_factor must be in (0, 1], got {factor}")
+    return factor
+
+
+def _layout(reader: _Reader, model_type: str | None) -> str:
+    if reader.get("rope_interleave") is True or model_type in _INTERLEAVED_MODEL_TYPES:
+        return "interleaved"
+    return "half"
+
+
+def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True) -> dict[str, Any]:
+    """Normalised RoPE settings of a Hugging Face config, without building a module.
+
+    Returns ``{"rope_type", "base", "scaling", "head_dim", "rotary_dim", "partial_rotary_factor",
+    "max_position_embeddings", "layout"}`` where ``scaling`` holds the validated schedule keys (no
+    ``None`` values) ready for :func:`posemb.functional.rope_schedules.compute_inv_freq` and for
+    ``RoPE(scaling=...)``; ``max_position_embeddings`` is ``None`` if the config has none. With
+    ``strict=False`` keys the schedule does not use are dropped with a warning instead of raising.
+    See the module docstring for the rules.
+    """
+    reader = _Reader(config)
+    model_type = reader.get("model_type")
+    rope = _schedule_dict(reader, layer_type)
+    rope_type = _rope_type(rope, model_type)
+
+    base = _pick("rope_theta", rope.get("rope_theta"), reader.get("rope_theta"), reader)
+    if base is None:
+        base = reader.get("rotary_emb_base", default=10000.0)
+    base = check_float("config rope_theta", base)
+    if base <= 1.0:
+        raise ValueError(f"config rope_theta must be > 1 (a positive RoPE base), got {base}")
+
+    head_dim = _head_dim(reader)
+    partial_rotary_factor = _partial_rotary_factor(rope, reader, model_type, head_dim)
+    rotary_dim = int(head_dim * partial_rotary_factor)
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary dimension int(head_dim * partial_rotary_factor) = int({head_dim} * "
+                         f"{partial_rotary_factor}) = {rotary_dim} must be even and >= 2")
+
+    max_position_embeddings = reader.get("max_position_embeddings", "n_positions")
+    if max_position_embeddings is not None:
+        max_position_embeddings = check_int("config max_position_embeddings", max_position_embeddings, minimum=1)
+
+    scaling = {k: v for k, v in rope.items() if k not in _META_KEYS}
+    if rope_type in _NEEDS_ORIGINAL_LENGTH:
+        top_level = reader.get("original_max_position_embeddings")
+        if top_level is not None:
+            scaling["original_max_position_embeddings"] = top_level  # Phi-3 style: top level wins (as HF)
+        elif scaling.get("original_max_position_embeddings") is None and max_position_embeddings is not None:
+            scaling["original_max_position_embeddings"] = max_position_embeddings
+
+    unknown = sorted(set(scaling) - set(_ALLOWED_KEYS[rope_type]))
+    if unknown:
+        if strict:
+            raise ValueError(f"config rope key(s) {unknown} are not used by rope_type={rope_type!r} (allowed: "
+                             f"{list(_ALLOWED_KEYS[rope_type]) or 'none'}); they may change the model in other "
+                             "engines, so posemb refuses them. Pass strict=False to drop them (transformers ignores them).")
+        warnings.warn(f"dropping rope key(s) {unknown} unused by rope_type={rope_type!r}", stacklevel=2)
+        for key in unknown:
+            del scaling[key]
+
+    normalised = validate_rope_params(rope_type, rotary_dim, base, scaling, max_position_embeddings)
+    return {
+        "rope_type": rope_type,
+        "base": base,
+        "scaling": {k: v for k, v in normalised.items() if v is not None},
+        "head_dim": head_dim,
+        "rotary_dim": rotary_dim,
+        "partial_rotary_factor": partial_rotary_factor,
+        "max_position_embeddings": max_position_embeddings,
+        "layout": _layout(reader, model_type),
+    }
+
+
+def from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True, **overrides: Any):
+    """Build a ``posemb`` :class:`~posemb.schemes.rope.RoPE` from a Hugging Face config (object or dict).
+
+    ``overrides`` replace constructor arguments (e.g. ``layout="half"`` for a checkpoint whose q/k
+    rows were already permuted to the rotate-half order).
+    """
+    from posemb.schemes.rope import RoPE  # imported here: the scheme module must not be needed to parse configs
+
+    p = rope_parameters_from_hf_config(config, layer_type=layer_type, strict=strict)
+    kwargs: dict[str, Any] = dict(head_dim=p["head_dim"], base=p["base"], rope_type=p["rope_type"],
+                                  scaling=p["scaling"] or None, layout=p["layout"],
+                                  partial_rotary_factor=p["partial_rotary_factor"])
+    if p["max_position_embeddings"] is not None:
+        kwargs["max_position_embeddings"] = p["max_position_embeddings"]
+    kwargs.update(overrides)
+    return RoPE(**kwargs)
+
+
+def to_hf_config(rope: Any) -> dict[str, Any]:
+    """A v5-style config fragment describing ``rope`` that :func:`from_hf_config` reads back exactly.
+
+    ``{"rope_parameters": {"rope_type", "rope_theta", ...schedule keys}, "head_dim",
+    "max_position_embeddings", "partial_rotary_factor" (only if < 1), "rope_interleave" (only for the
+    interleaved layout)}``. Reads the module's ``rope_type``, ``base``, ``scaling``, ``head_dim``,
+    ``partial_rotary_factor``, ``max_position_embeddings`` and ``layout`` attributes. ``"ntk"`` is not a
+    transformers type, so such a fragment loads here but not in transformers.
+    """
+    def attribute(name: str) -> Any:
+        if not hasattr(rope, name):
+            raise TypeError(f"to_hf_config needs a RoPE module with a {name!r} attribute; "
+                            f"{type(rope).__name__} has none")
+        return getattr(rope, name)
+
+    scaling = attribute("scaling") or {}
+    parameters: dict[str, Any] = {"rope_type": attribute("rope_type"), "rope_theta": float(attribute("base"))}
+    for key, value in scaling.items():
+        if value is None or key in _META_KEYS:
+            continue
+        parameters[key] = list(value) if isinstance(value, tuple) else value
+    out: dict[str, Any] = {"rope_parameters": parameters, "head_dim": int(attribute("head_dim"))}
+    max_position_embeddings = getattr(rope, "max_position_embeddings", None)
+    if max_position_embeddings is not None:
+        out["max_position_embeddings"] = int(max_position_embeddings)
+    partial_rotary_factor = float(getattr(rope, "partial_rotary_factor", 1.0))
+    if partial_rotary_factor != 1.0:
+        out["partial_rotary_factor"] = partial_rotary_factor
+    if getattr(rope, "layout", "half") == "interleaved":
+        out["rope_interleave"] = True
+    return out
+
+
+__all__ = ["from_hf_config", "to_hf_config", "rope_parameters_from_hf_config", "ROPE_TYPE_ALIASES"]
