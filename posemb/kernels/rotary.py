@@ -1,0 +1,245 @@
+"""Fast RoPE application: one entry point that picks a back end by device and dtype.
+
+The rotation (Su et al. 2021, RoFormer, arXiv 2104.09864, Eq. 34) turns each channel pair
+``(x1, x2)`` of the first ``r = 2 * cos.shape[-1]`` channels by the angle ``theta``::
+
+    y1 = x1 cos(theta) - x2 sin(theta),    y2 = x2 cos(theta) + x1 sin(theta)
+
+Pairs are ``(i, i + r/2)`` in the half-split layout (Hugging Face ``rotate_half``, the default)
+and ``(2i, 2i + 1)`` when ``interleaved=True``; channels past ``r`` pass through (partial rotary).
+``cos``/``sin`` are (batch or 1, seq, r/2), normally float32 tables built by
+``posemb.functional.rope.rotary_cos_sin`` from explicit positions, so position offsets (KV-cache
+decoding) are just other rows of the table. Math runs in float32 (float64 for float64 inputs) and
+the result is returned in ``x.dtype``.
+
+Back ends (:func:`select_backend`):
+
+========== ================================= ==============================================
+name       when                              what
+========== ================================= ==============================================
+cpu        CPU tensors                       eager chunked, in-place/``out=``: no allocation
+                                             of the size of ``x`` (``rotary_cpu.py``)
+triton     CUDA tensors, triton installed,   one Triton kernel (``rotary_triton.py``)
+           dtype not float64
+reference  anything else, or when cos/sin     the plain formula below: the test oracle
+           require grad
+========== ================================= ==============================================
+
+Autograd: the rotation is linear in ``x`` and orthogonal, so its backward is the rotation of the
+incoming gradient by ``-theta`` (the same kernel with ``sin`` negated); nothing of the size of
+``x`` is saved. The backward is itself written with the autograd Function, so double backward
+works too. Gradients with respect to ``cos``/``sin`` go through the reference formula.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from posemb._validation import check_choice, check_tensor
+
+BACKENDS = ("auto", "cpu", "triton", "reference")
+
+
+# ---- the plain formula: reference and fallback ------------------------------------------------
+def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
+    """The rotation written plainly (new tensors, differentiable in x, cos and sin).
+
+    This is the oracle the fast paths are tested against; it follows the same contract as
+    ``posemb.functional.rope.apply_rotary``.
+    """
+    compute = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
+    rotary = 2 * cos.shape[-1]
+    cos4, sin4 = cos.to(compute)[:, None], sin.to(compute)[:, None]
+    rotated = x[..., :rotary].to(compute)
+    if interleaved:
+        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
+    else:
+        x1, x2 = rotated[..., : rotary // 2], rotated[..., rotary // 2:]
+    y1 = x1 * cos4 - x2 * sin4
+    y2 = x2 * cos4 + x1 * sin4
+    y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
+    y = y.to(x.dtype)
+    return y if rotary == x.shape[-1] else torch.cat((y, x[..., rotary:]), dim=-1)
+
+
+# ---- back-end selection -----------------------------------------------------------------------
+def _triton_available() -> bool:
+    try:
+        from posemb.kernels import rotary_triton
+    except Exception:  # pragma: no cover - broken triton installs
+        return False
+    return rotary_triton.available()
+
+
+def select_backend(x: Tensor) -> str:
+    """The back end :func:`apply_rotary` uses for ``x`` with ``backend="auto"``."""
+    if x.device.type == "cpu":
+        return "cpu"
+    if x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available():
+        return "triton"
+    return "reference"
+
+
+def _run_kernel(backend: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, interleaved: bool,
+                sign: float) -> Tensor:
+    if backend == "cpu":
+        from posemb.kernels.rotary_cpu import rotate_cpu
+        return rotate_cpu(x, cos, sin, out, interleaved=interleaved, sign=sign)
+    if backend == "triton":
+        from posemb.kernels.rotary_triton import rotate_triton
+        return rotate_triton(x, cos, sin, out, interleaved=interleaved, sign=sign)
+    result = rotary_reference(x, cos, sin if sign > 0 else -sin, interleaved=interleaved)
+    return out.copy_(result)
+
+
+class _Rotary(torch.autograd.Function):
+    """``y = R(sign * theta) x`` with a fast kernel; backward is ``R(-sign * theta) grad``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, sign: float, inplace: bool,
+                backend: str) -> Tensor:
+        out = x if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _run_kernel(backend, x, cos, sin, out, interleaved, sign)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved, ctx.sign, ctx.backend = interleaved, sign, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        # The incoming gradient may be shared with other nodes: never rotate it in place.
+        grad_x = _Rotary.apply(grad, cos, sin, ctx.interleaved, -ctx.sign, False, ctx.backend)
+        return grad_x, None, None, None, None, None, None
+
+
+# ---- validation -------------------------------------------------------------------------------
+def _check_tables(x_name: str, x: Tensor, cos_name: str, cos: Tensor, sin_name: str, sin: Tensor) -> None:
+    check_tensor(x_name, x, ndim=4, floating=True)
+    check_tensor(cos_name, cos, ndim=3, floating=True)
+    check_tensor(sin_name, sin, ndim=3, floating=True)
+    if cos.shape != sin.shape:
+        raise ValueError(f"{cos_name} and {sin_name} must have the same shape, got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    batch, _, length, dim = x.shape
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != length:
+        raise ValueError(f"{cos_name} must have shape (batch or 1, seq, rotary_dim / 2) = ({batch} or 1, "
+                         f"{length}, r/2) to match {x_name} of shape {tuple(x.shape)}, got {tuple(cos.shape)}")
+    if cos.shape[2] < 1 or 2 * cos.shape[2] > dim:
+        raise ValueError(f"{cos_name}.shape[-1] (rotary_dim / 2) must be in 1 .. head_dim / 2 = {dim // 2} "
+                         f"for {x_name} of shape {tuple(x.shape)}, got {cos.shape[2]}")
+    for name, table in ((cos_name, cos), (sin_name, sin)):
+        if table.device != x.device:
+            raise ValueError(f"{name} must be on {x_name}'s device {x.device}, got {table.device}")
+
+
+def _check_out(x_name: str, x: Tensor, out: Tensor) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out for {x_name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out for {x_name} must have {x_name}'s shape {tuple(x.shape)}, dtype {x.dtype} and "
+                         f"device {x.device}, got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if out.data_ptr() != x.data_ptr() and _overlaps(out, x):
+        raise ValueError(f"out for {x_name} partially overlaps {x_name}; pass inplace=True to rotate in place "
+                         "or a separate buffer")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Conservative check that two tensors' memory ranges intersect."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+        return start, start + (extent + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+# ---- public API -------------------------------------------------------------------------------
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False, inplace: bool = False,
+                 out: Tensor | None = None, backend: str = "auto") -> Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by the angles behind ``cos``/``sin``
+    (batch or 1, seq, r/2); channels past ``r = 2 * cos.shape[-1]`` pass through.
+
+    Args:
+        interleaved: pairs (2i, 2i+1) instead of (i, i + r/2).
+        inplace: overwrite ``x`` and return it (fastest: no allocation). Under autograd ``x`` must
+            not be a leaf that requires grad, nor one of several views returned by ``unbind``/``split``.
+        out: write into this preallocated tensor (x's shape, dtype, device) and return it; not
+            differentiable, like PyTorch's own ``out=``.
+        backend: ``"auto"`` (see :func:`select_backend`), ``"cpu"``, ``"triton"`` or ``"reference"``.
+
+    Returns the rotated tensor in ``x.dtype``: ``x`` itself (inplace), ``out``, or a new tensor.
+    """
+    return _apply("x", x, cos, sin, interleaved=interleaved, inplace=inplace, out=out, backend=backend)
+
+
+def apply_rotary_qk(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor | None = None,
+                    sin_k: Tensor | None = None, *, interleaved: bool = False, inplace: bool = False,
+                    out: tuple[Tensor, Tensor] | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Rotate queries and keys: ``(R(q positions) q, R(k positions) k)``.
+
+    ``cos_k``/``sin_k`` default to ``cos_q``/``sin_q`` (same positions); pass them when the keys
+    sit at other positions (KV cache: keys cover the whole context, queries the last few tokens).
+    ``out`` is a pair ``(out_q, out_k)``. Other arguments as in :func:`apply_rotary`.
+    """
+    if (cos_k is None) != (sin_k is None):
+        raise ValueError("cos_k and sin_k must be given together (or both left out to reuse cos_q/sin_q), "
+                         f"got cos_k={'None' if cos_k is None else 'a tensor'}, "
+                         f"sin_k={'None' if sin_k is None else 'a tensor'}")
+    if cos_k is None:
+        cos_k, sin_k = cos_q, sin_q
+    out_q = out_k = None
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a pair (out_q, out_k) of tensors, got {type(out).__name__}")
+        out_q, out_k = out
+    rotated_q = _apply("q", q, cos_q, sin_q, interleaved=interleaved, inplace=inplace, out=out_q,
+                       backend=backend, cos_name="cos_q", sin_name="sin_q")
+    rotated_k = _apply("k", k, cos_k, sin_k, interleaved=interleaved, inplace=inplace, out=out_k,
+                       backend=backend, cos_name="cos_k", sin_name="sin_k")
+    return rotated_q, rotated_k
+
+
+def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, inplace: bool,
+           out: Tensor | None, backend: str, cos_name: str = "cos", sin_name: str = "sin") -> Tensor:
+    _check_tables(name, x, cos_name, cos, sin_name, sin)
+    check_choice("backend", backend, BACKENDS)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__} ({interleaved!r})")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} ({inplace!r})")
+    if inplace and out is not None:
+        raise ValueError("pass either inplace=True or out=, not both")
+    if backend == "auto":
+        backend = select_backend(x)
+    elif backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {x.device}")
+    elif backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' needs triton, which is not installed")
+    if out is not None:
+        _check_out(name, x, out)
+        inplace, out_is_x = False, out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+        if out_is_x:
+            inplace = True
+    grad_needed = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    if grad_needed and out is not None and not inplace:
+        raise ValueError(f"out= does not support autograd ({name} or its cos/sin require grad); "
+                         "call without out= to get a differentiable result")
+    if grad_needed and (cos.requires_grad or sin.requires_grad):
+        # Gradients for the tables themselves: the plain formula, differentiable in all inputs.
+        result = rotary_reference(x, cos, sin, interleaved=interleaved)
+        return x.copy_(result) if inplace else result
+    # Small (B|1, L, r/2) tables: contiguous copies are cheap and simplify every kernel.
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if grad_needed:
+        return _Rotary.apply(x, cos, sin, interleaved, 1.0, inplace, backend)
+    if inplace:
+        return _run_kernel(backend, x, cos, sin, x, interleaved, 1.0)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _run_kernel(backend, x, cos, sin, out, interleaved, 1.0)
