@@ -1,0 +1,317 @@
+"""Hugging Face ``transformers`` bridge: posemb's rotary inside a Llama-family model, and the
+q/k weight permutation between the two RoPE memory layouts.
+
+``transformers`` is an optional dependency. It is imported inside the functions that need it, so
+``import posemb.integrations.hf`` works without it; those functions raise a clear ``ImportError``.
+
+What HF expects (``transformers`` 5.24, ``models/llama/modeling_llama.py``)
+-----------------------------------------------------------------------
+``LlamaModel.forward`` calls ``self.rotary_emb(hidden_states, position_ids)`` once per forward
+pass and hands the result to every layer; ``LlamaRotaryEmbedding.forward`` returns::
+
+    freqs = position_ids[..., None].float() * inv_freq          # (B, L, d/2)
+    emb = cat(freqs, freqs)                                      # (B, L, head_dim)
+    cos, sin = emb.cos() * attention_scaling, emb.sin() * attention_scaling   # cast to x.dtype
+
+and each attention layer applies ``q * cos + rotate_half(q) * sin`` with
+``rotate_half(x) = cat(-x[d/2:], x[:d/2])``, i.e. the half-split ("NeoX") layout
+(``shared/reference/rope_scaling.md`` §0, §1.5). Qwen2 and Mistral are built the same way.
+
+Two ways to put posemb's rotary there
+-------------------------------------
+- ``mode="cos_sin"`` (chosen automatically for a half-split rope over the full head): the new
+  ``rotary_emb`` returns exactly the (cos, sin) above, computed from posemb's ``inv_freq`` and
+  ``attention_scale``. HF's own ``apply_rotary_pos_emb`` then does the rotation.
+- ``mode="hooks"`` (chosen automatically for an interleaved rope or a partial rotary, neither of
+  which HF's ``rotate_half`` over the whole head can express through cos/sin alone): the new
+  ``rotary_emb`` returns the identity rotation (cos = 1, sin = 0) and remembers posemb's
+  (cos, sin) for this forward pass; forward hooks on every ``q_proj`` / ``k_proj`` rotate the
+  projections with posemb's own :func:`posemb.functional.rope.apply_rotary` before HF reshapes
+  them into heads. Since HF caches keys after rotation, decoding with a KV cache still works.
+
+Layout conversion (``rope_scaling.md`` §0): the half-split layout pairs channel ``i`` with
+``i + d/2``, the interleaved (GPT-J / Meta) layout pairs ``2i`` with ``2i + 1``. Permuting the
+rows of ``W_q`` and ``W_k`` (and their biases) the same way inside every head turns one into the
+other without changing any attention score, because ``q . k`` is invariant under a common
+permutation of channels. interleaved -> half is HF's ``convert_llama_weights_to_hf.permute``:
+``w.view(n_heads, hd//2, 2, in).transpose(1, 2).reshape(out, in)``; half -> interleaved is its
+inverse (torchtune ``hf_to_tune._permute``): ``w.view(n_heads, 2, hd//2, in).transpose(1, 2)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from posemb._validation import check_choice, check_even, check_int, check_tensor
+
+LAYOUTS = ("half", "interleaved")
+PATCH_MODES = ("auto", "cos_sin", "hooks")
+
+__all__ = ["LAYOUTS", "PATCH_MODES", "PosembRotaryEmbedding", "patch_rotary", "unpatch_rotary",
+           "is_patched", "permute_qk_for_layout", "convert_model_layout"]
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as error:  # pragma: no cover - exercised only where transformers is absent
+        raise ImportError("posemb.integrations.hf needs the optional dependency 'transformers', which is "
+                          "not installed; install it with `pip install 'transformers>=4.46'` "
+                          "(or `pip install 'posemb[test]'`)") from error
+    return transformers
+
+
+def _check_hf_model(model: Any) -> None:
+    transformers = _require_transformers()
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel (e.g. LlamaForCausalLM, Qwen2ForCausalLM, "
+                        f"MistralForCausalLM), got {type(model).__name__}")
+
+
+def _rotary_owner(model: nn.Module) -> nn.Module:
+    """The module that owns ``rotary_emb``: the base model (``model.model``) or the model itself."""
+    for owner in (model, getattr(model, "model", None)):
+        if isinstance(owner, nn.Module) and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
+            return owner
+    raise TypeError(f"model must be a Llama-family transformers model with a `rotary_emb` module at "
+                    f"model.rotary_emb or model.model.rotary_emb (Llama, Qwen2, Mistral); "
+                    f"{type(model).__name__} has none")
+
+
+def _config_head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim:
+        head_dim = config.hidden_size // config.num_attention_heads
+    return int(head_dim)
+
+
+def _qk_projections(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """Every ``q_proj`` / ``k_proj`` linear layer, with its qualified name."""
+    found = []
+    for name, module in model.named_modules():
+        q_proj, k_proj = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+        if isinstance(q_proj, nn.Linear) and isinstance(k_proj, nn.Linear):
+            found.append((f"{name}.q_proj", q_proj))
+            found.append((f"{name}.k_proj", k_proj))
+    return found
+
+
+def _heads_of(name: str, projection: nn.Linear, head_dim: int) -> int:
+    # Counting heads from the layer itself covers grouped-query attention (k_proj has
+    # num_key_value_heads heads) without trusting a config field per model family.
+    if projection.out_features % head_dim:
+        raise ValueError(f"{name}.out_features = {projection.out_features} is not a multiple of "
+                         f"head_dim = {head_dim}")
+    return projection.out_features // head_dim
+
+
+class PosembRotaryEmbedding(nn.Module):
+    """Drop-in replacement for HF's ``LlamaRotaryEmbedding`` (and Qwen2 / Mistral's), backed by a
+    posemb rope (``posemb.rotary.RoPE``).
+
+    ``forward(x, position_ids) -> (cos, sin)``, each (batch, seq, head_dim) in ``x.dtype``:
+    ``cat(freqs, freqs).cos() * attention_scale`` (mode ``"cos_sin"``), or the identity rotation
+    (mode ``"hooks"``, where the q/k projection hooks rotate instead; see the module docstring).
+    """
+
+    def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin"):
+        super().__init__()
+        check_int("head_dim", head_dim, minimum=2)
+        check_choice("mode", mode, ("cos_sin", "hooks"))
+        self.rope = rope
+        self.head_dim = head_dim
+        self.mode = mode
+        self.interleaved = getattr(rope, "layout", "half") == "interleaved"
+        # Neither of these is a submodule: the original must not be moved or saved with the model,
+        # and the stash lives only for one forward pass.
+        object.__setattr__(self, "original", None)
+        object.__setattr__(self, "_hook_handles", [])
+        object.__setattr__(self, "_stash", None)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, rotary_dim={self.rope.rotary_dim}, mode={self.mode!r}, "
+                f"layout={'interleaved' if self.interleaved else 'half'}")
+
+    def forward(self, x: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+        check_tensor("position_ids", position_ids, ndim=2, integer=True)
+        cos, sin = self.rope.cos_sin(position_ids.to(x.device))  # float32 (B, L, rotary_dim/2), times scale
+        if self.mode == "cos_sin":
+            # HF's rotate_half pairs channel i with i + head_dim/2, hence the duplicated halves.
+            return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
+        object.__setattr__(self, "_stash", (cos, sin))
+        shape = (*position_ids.shape, self.head_dim)
+        return (torch.ones(shape, dtype=x.dtype, device=x.device),
+                torch.zeros(shape, dtype=x.dtype, device=x.device))
+
+    def rotate_projection(self, projection: Tensor, num_heads: int) -> Tensor:
+        """Rotate a q or k projection output (batch, seq, num_heads * head_dim) with the (cos, sin)
+        of the current forward pass; the channels past ``rotary_dim`` in each head pass through."""
+        from posemb.functional.rope import apply_rotary
+
+        if self._stash is None:
+            raise RuntimeError("PosembRotaryEmbedding: a q/k projection ran before rotary_emb in this forward "
+                               "pass; call the whole model, not a layer on its own")
+        cos, sin = self._stash
+        *lead, width = projection.shape
+        heads = projection.reshape(*lead, num_heads, self.head_dim).transpose(-3, -2)  # (B, H, L, hd)
+        rotary_dim = self.rope.rotary_dim
+        rotated = apply_rotary(heads[..., :rotary_dim], cos.to(heads.device), sin.to(heads.device),
+                               interleaved=self.interleaved).to(heads.dtype)
+        if rotary_dim < self.head_dim:
+            rotated = torch.cat((rotated, heads[..., rotary_dim:]), dim=-1)
+        return rotated.transpose(-3, -2).reshape(projection.shape)
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True when ``model``'s ``rotary_emb`` is a :class:`PosembRotaryEmbedding`."""
+    return isinstance(_rotary_owner(model).rotary_emb, PosembRotaryEmbedding)
+
+
+def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str = "auto") -> nn.Module:
+    """Replace the rotary embedding of a Llama-family ``transformers`` model by posemb's.
+
+    Args:
+        model: a ``transformers`` Llama / Qwen2 / Mistral model (``XForCausalLM`` or the base
+            ``XModel``). It is changed in place.
+        rope: a posemb rope (``posemb.rotary.RoPE``: ``cos_sin(positions)``, ``rotary_dim``,
+            ``layout``). Default: ``posemb.rotary.from_hf_config(model.config)``, which reproduces
+            the model's own ``rope_parameters`` (every ``rope_type``), so logits are unchanged.
+        mode: ``"auto"`` (``"cos_sin"`` for a half-split rope over the whole head, ``"hooks"``
+            otherwise), ``"cos_sin"`` or ``"hooks"``; see the module docstring.
+
+    Returns:
+        The original rotary module (also kept as ``model...rotary_emb.original``); undo with
+        :func:`unpatch_rotary`.
+
+    Note: posemb's rope computes the frequencies from the positions of each call. For
+    ``rope_type="dynamic"`` HF keeps the largest length seen so far (``max_seq_len_cached``) across
+    calls, so after a long call a shorter one (still above ``max_position_embeddings``) uses a
+    different base in HF than here; a single call, or decoding with growing positions, agrees.
+    """
+    _check_hf_model(model)
+    check_choice("mode", mode, PATCH_MODES)
+    owner = _rotary_owner(model)
+    original = owner.rotary_emb
+    if isinstance(original, PosembRotaryEmbedding):
+        raise ValueError("model is already patched with posemb's rotary; call unpatch_rotary(model) first")
+    if rope is None:
+        from posemb.rotary import from_hf_config
+        rope = from_hf_config(model.config)
+    for attribute in ("cos_sin", "rotary_dim"):
+        if not hasattr(rope, attribute):
+            raise TypeError(f"rope must be a posemb rope with `{attribute}` (e.g. posemb.rotary.from_hf_config(...)), "
+                            f"got {type(rope).__name__}")
+    head_dim = _config_head_dim(model.config)
+    rotary_dim = int(rope.rotary_dim)
+    if rotary_dim > head_dim:
+        raise ValueError(f"rope.rotary_dim = {rotary_dim} is larger than the model's head_dim = {head_dim}")
+    interleaved = getattr(rope, "layout", "half") == "interleaved"
+    if mode == "auto":
+        mode = "cos_sin" if (not interleaved and rotary_dim == head_dim) else "hooks"
+    elif mode == "cos_sin" and (interleaved or rotary_dim != head_dim):
+        raise ValueError(f"mode='cos_sin' needs a half-split rope over the whole head (layout 'half', rotary_dim = "
+                         f"head_dim = {head_dim}); got layout {getattr(rope, 'layout', 'half')!r}, rotary_dim "
+                         f"{rotary_dim}; use mode='hooks' or 'auto'")
+
+    module = PosembRotaryEmbedding(rope, head_dim, mode)
+    device = next((buffer.device for buffer in original.buffers()), None)
+    if device is not None:
+        module.to(device)
+    object.__setattr__(module, "original", original)
+    if mode == "hooks":
+        projections = _qk_projections(model)
+        if not projections:
+            raise TypeError(f"mode='hooks' needs attention modules with q_proj / k_proj linear layers; "
+                            f"{type(model).__name__} has none")
+        for name, projection in projections:
+            num_heads = _heads_of(name, projection, head_dim)
+
+            def hook(_layer, _inputs, output, num_heads=num_heads):
+                return module.rotate_projection(output, num_heads)
+
+            module._hook_handles.append(projection.register_forward_hook(hook))
+    owner.rotary_emb = module
+    return original
+
+
+def unpatch_rotary(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_rotary`: restore the original rotary module, remove the projection hooks,
+    and return the posemb module that was taken out."""
+    owner = _rotary_owner(model)
+    module = owner.rotary_emb
+    if not isinstance(module, PosembRotaryEmbedding):
+        raise ValueError(f"model is not patched (its rotary_emb is {type(module).__name__}); nothing to undo")
+    for handle in module._hook_handles:
+        handle.remove()
+    module._hook_handles.clear()
+    owner.rotary_emb = module.original
+    return module
+
+
+def permute_qk_for_layout(weight: Tensor, num_heads: int, head_dim: int, *, to: str,
+                          rotary_dim: int | None = None) -> Tensor:
+    """Permute the rows of a q or k projection weight (out, in) or bias (out,) so that a model
+    trained with one RoPE layout gives the same attention scores with the other layout.
+
+    ``to="half"``: the source is interleaved (pairs ``2i, 2i+1``); the rows of each head's rotary
+    part are reordered ``view(n_heads, r/2, 2, ...).transpose(1, 2)`` so pair ``i`` lands at
+    ``i, i + r/2`` (HF ``convert_llama_weights_to_hf.permute``). ``to="interleaved"`` is the
+    inverse, ``view(n_heads, 2, r/2, ...).transpose(1, 2)``. With a partial rotary
+    (``rotary_dim`` r < ``head_dim``) only the first r rows of each head move; the rest pass
+    through unrotated in both layouts. Returns a new tensor; ``weight`` is not changed.
+    """
+    check_tensor("weight", weight)
+    if weight.dim() not in (1, 2):
+        raise ValueError(f"weight must be a projection weight (out, in) or a bias (out,), got shape "
+                         f"{tuple(weight.shape)}")
+    check_int("num_heads", num_heads, minimum=1)
+    check_even("head_dim", head_dim)
+    check_choice("to", to, LAYOUTS)
+    if rotary_dim is None:
+        rotary_dim = head_dim
+    check_even("rotary_dim", rotary_dim)
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be <= head_dim = {head_dim}, got {rotary_dim}")
+    if weight.shape[0] != num_heads * head_dim:
+        raise ValueError(f"weight.shape[0] must be num_heads * head_dim = {num_heads} * {head_dim} = "
+                         f"{num_heads * head_dim}, got shape {tuple(weight.shape)}")
+    rest = tuple(weight.shape[1:])
+    per_head = weight.reshape(num_heads, head_dim, *rest)
+    rotary, passthrough = per_head[:, :rotary_dim], per_head[:, rotary_dim:]
+    if to == "half":
+        rotary = rotary.reshape(num_heads, rotary_dim // 2, 2, *rest).transpose(1, 2)
+    else:
+        rotary = rotary.reshape(num_heads, 2, rotary_dim // 2, *rest).transpose(1, 2)
+    rotary = rotary.reshape(num_heads, rotary_dim, *rest)
+    return torch.cat((rotary, passthrough), dim=1).reshape(weight.shape).contiguous()
+
+
+def convert_model_layout(model: nn.Module, *, to: str, rotary_dim: int | None = None) -> nn.Module:
+    """Permute every ``q_proj`` / ``k_proj`` weight and bias of a ``transformers`` model in place
+    with :func:`permute_qk_for_layout`, for all heads (``k_proj`` counts its own heads, so
+    grouped-query attention works). ``to="half"`` turns interleaved-trained weights into HF's
+    half-split layout; ``to="interleaved"`` undoes it. Returns ``model``.
+
+    Only the projection weights change: evaluate the result with a rope of layout ``to``
+    (HF's own rotary for ``"half"``, ``patch_rotary(model, rope_interleaved)`` for ``"interleaved"``).
+    """
+    _check_hf_model(model)
+    check_choice("to", to, LAYOUTS)
+    head_dim = _config_head_dim(model.config)
+    projections = _qk_projections(model)
+    if not projections:
+        raise TypeError(f"model has no attention modules with q_proj / k_proj linear layers "
+                        f"({type(model).__name__})")
+    with torch.no_grad():
+        for name, projection in projections:
+            num_heads = _heads_of(name, projection, head_dim)
+            projection.weight.copy_(permute_qk_for_layout(projection.weight, num_heads, head_dim, to=to,
+                                                          rotary_dim=rotary_dim))
+            if projection.bias is not None:
+                projection.bias.copy_(permute_qk_for_layout(projection.bias, num_heads, head_dim, to=to,
+                                                            rotary_dim=rotary_dim))
+    return model
