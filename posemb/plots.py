@@ -67,6 +67,10 @@ def _ranges(mask: Tensor) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------------------------
 # (a) cosine: fast pairs carry local position, slow pairs global position
 # ---------------------------------------------------------------------------------------------
+def _tokens_text(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
 def _default_pairs(head_dim: int) -> tuple[list[int], list[int]]:
     half = head_dim // 2
     fast = sorted({0, head_dim // 16, head_dim // 8})
@@ -114,7 +118,7 @@ def plot_cosine(*, base: float = 10000.0, head_dim: int = 128, length: int = 256
     for axis, (title, group) in zip(axes, panels):
         for j in group:
             axis.plot(positions.numpy(), curves[j].numpy(), linewidth=1.0,
-                      label=f"pair {j} (wavelength {wavelength[j].item():,.0f})")
+                      label=f"pair {j} (wavelength {_tokens_text(wavelength[j].item())})")
         axis.set_title(title, fontsize=10)
         axis.set_ylabel(r"$\cos(m\,\theta_j)$")
         axis.set_ylim(-1.1, 1.1)
