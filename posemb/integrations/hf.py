@@ -248,6 +248,10 @@ def unpatch_rotary(model: nn.Module) -> nn.Module:
     for handle in module._hook_handles:
         handle.remove()
     module._hook_handles.clear()
+    # The original is not a submodule (so it is not saved twice): follow any device move made meanwhile.
+    device = next((buffer.device for buffer in module.rope.buffers()), None)
+    if device is not None:
+        module.original.to(device)
     owner.rotary_emb = module.original
     return module
 
