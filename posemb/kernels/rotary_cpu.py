@@ -24,6 +24,8 @@ Why it is written this way (numbers in ``shared/reference/cpu_performance.md`` a
   PyTorch does in one vectorised pass (``view_as_complex``).
 * bf16/fp16 inputs are upcast chunk by chunk into a float32 scratch buffer, so the math is float32
   (as in the reference) and the result is rounded once.
+* The half-split layout has no such single op (its pairs are 64 channels apart), so it costs four
+  elementwise passes per chunk, in cache; on CPU it is about twice the interleaved cost.
 """
 from __future__ import annotations
 
@@ -87,11 +89,14 @@ def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int,
                 return
         x1, x2 = _pairs(x, rotary, interleaved)
         if inplace:
-            # x1 is overwritten first, so keep x1 * sin aside (a chunk-sized scratch in cache).
+            # x1 is overwritten first, so x1*sin goes to a chunk-sized scratch (it stays in cache);
+            # four passes: sc = x1 s;  x1 = x1 c - x2 s;  x2 = sc + x2 c.
             scratch = _scratch_buffer("pair", x1.numel(), compute).view(x1.shape)
             torch.mul(x1, sin, out=scratch)
             x1.mul_(cos).addcmul_(x2, sin, value=-sign)
-            x2.mul_(cos).add_(scratch, alpha=sign)
+            if sign < 0:
+                scratch.neg_()
+            torch.addcmul(scratch, x2, cos, out=x2)
             return
         o1, o2 = _pairs(out, rotary, interleaved)
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
@@ -99,23 +104,22 @@ def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int,
         if rotary < x.shape[-1]:
             out[..., rotary:].copy_(x[..., rotary:])
         return
-    # Low-precision input: upcast the rotated channels into an interleaved float32 scratch (one
-    # strided copy), rotate it there as complex numbers, round once on the way back.
-    shape = (*x.shape[:-1], rotary // 2, 2)
-    work = _scratch_buffer("upcast", x[..., :rotary].numel(), compute).view(shape)
-    x1, x2 = _pairs(x, rotary, interleaved)
-    work[..., 0].copy_(x1)
-    work[..., 1].copy_(x2)
-    if phase is not None:
-        torch.view_as_complex(work).mul_(phase)
-    else:  # complex128 phase for float64 never reaches here; keep a real fallback anyway
-        w1, w2 = work[..., 0], work[..., 1]
-        tmp = w1 * sin
-        w1.mul_(cos).addcmul_(w2, sin, value=-sign)
-        w2.mul_(cos).add_(tmp, alpha=sign)
-    o1, o2 = _pairs(out, rotary, interleaved)
-    o1.copy_(work[..., 0])
-    o2.copy_(work[..., 1])
+    # bf16/fp16 input: one upcasting copy of the rotated channels into a float32 scratch, then the
+    # products in float32, rounded once when written to ``out`` (TensorIterator computes an
+    # ``out=`` of lower precision in the inputs' dtype and casts on store).
+    work = _scratch_buffer("upcast", x[..., :rotary].numel(), compute).view(*x.shape[:-1], rotary)
+    work.copy_(x[..., :rotary])
+    if interleaved and phase is not None:
+        torch.view_as_complex(work.unflatten(-1, (rotary // 2, 2))).mul_(phase)
+        out[..., :rotary].copy_(work)
+    else:
+        w1, w2 = _pairs(work, rotary, interleaved)
+        o1, o2 = _pairs(out, rotary, interleaved)
+        product = _scratch_buffer("pair", w1.numel(), compute).view(w1.shape)
+        torch.mul(w1, cos, out=product)
+        torch.addcmul(product, w2, sin, value=-sign, out=o1)
+        torch.mul(w2, cos, out=product)
+        torch.addcmul(product, w1, sin, value=sign, out=o2)
     if not inplace and rotary < x.shape[-1]:
         out[..., rotary:].copy_(x[..., rotary:])
 
@@ -131,9 +135,8 @@ def rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, *, interleaved:
     rotary = 2 * cos.shape[-1]
     compute = torch.promote_types(x.dtype, cos.dtype)
     cos4, sin4 = cos.to(compute)[:, None], sin.to(compute)[:, None]
-    needs_phase = interleaved or x.dtype != compute
     phase = None
-    if needs_phase and compute in (torch.float32, torch.float64):
+    if interleaved:
         # e^{i sign theta}: one small (B|1, 1, L, r/2) table per call, cheap next to x.
         phase = torch.complex(cos4, sin4 if sign > 0 else -sin4)
     # Chunk over whole batches when a batch is small, else over sequence positions inside a batch.
