@@ -9,8 +9,10 @@ How the cos/sin are obtained (the design choice the issue asked for):
 
 * **Eager, static schedules** (default, linear, ntk, yarn, llama3): a float32 cos/sin table built
   from float64 angles, indexed by the integer positions. It grows on demand (to the next power of
-  two above ``max(positions) + 1``); finding that maximum is one host sync per call. Negative
-  positions skip the table.
+  two above ``max(positions) + 1``); finding that maximum is one host sync per call. Requests the
+  table would serve badly are computed directly instead: negative positions, and sparse ones
+  (``max(positions) >= 8 * positions.numel()`` beyond the current table, e.g. one decoding step at
+  position 10^6), so the table's memory stays proportional to the work asked of it.
 * **Under ``torch.compile`` / export** (``torch.compiler.is_compiling()``) and for float64 inputs:
   cos/sin are computed directly from the positions in float64 (no table, no ``.item()``, no graph
   break). Same values as the table to within one float32 rounding; the elementwise float64
@@ -45,6 +47,8 @@ ROPE_LAYOUTS = ("half", "interleaved")
 #: schedules whose frequencies change with the context length (so rotated keys go stale)
 CONTEXT_DEPENDENT_TYPES = ("dynamic", "longrope")
 _MIN_TABLE_LENGTH = 256
+#: the table grows to cover max(positions) only if that is < this many times the number of positions
+_TABLE_DENSITY = 8
 _DYNAMIC_MEMO_SIZE = 64
 
 
@@ -188,6 +192,20 @@ class RoPE(PositionalScheme):
         values, scale = self._values_for(context_length)
         return torch.tensor(values, dtype=torch.float64, device=self.inv_freq64.device), scale
 
+    def frequency_key(self, context_length: int) -> int:
+        """An id of the frequency set used for a context of ``context_length`` tokens: 0 within the
+        trained regime, otherwise a different int per set (longrope: 1 past the switch; dynamic: the
+        length itself past ``max_position_embeddings``). Hidden states computed under another key are
+        stale; a model that wants decoding to equal a full pass exactly at every layer re-prefills
+        its KV cache when the key changes (HF Phi-3 does this once at LongRoPE's switch; see
+        ``docs/decoding.md``)."""
+        check_int("context_length", context_length, minimum=1)
+        if self.rope_type == "longrope":
+            return int(context_length > self._switch_length)
+        if self.rope_type == "dynamic" and context_length > self.max_position_embeddings:
+            return context_length
+        return 0
+
     def _values_for(self, context_length: int) -> tuple[tuple[float, ...], float]:
         if self.rope_type == "longrope":
             if context_length > self._switch_length:
@@ -284,7 +302,10 @@ class RoPE(PositionalScheme):
             inv_freq = self._buffer("inv_freq64", self._inv_freq_values, device)
             return _cos_sin_direct(positions, inv_freq, self._attention_scale, dtype)
         low, high = torch.stack([positions.min(), positions.max()]).tolist()  # one host sync
-        if low < 0:
+        table_rows = 0 if self._cos_table is None or self._cos_table.device != device else self._cos_table.shape[0]
+        # Negative positions cannot index a table; a few scattered large positions (a decoding step
+        # at 10^6) would need a table far larger than the request: compute those directly.
+        if low < 0 or high >= max(table_rows, _MIN_TABLE_LENGTH, _TABLE_DENSITY * positions.numel()):
             inv_freq = self._buffer("inv_freq64", self._inv_freq_values, device)
             return _cos_sin_direct(positions, inv_freq, self._attention_scale, dtype)
         cos_table, sin_table = self._table(high + 1, device)

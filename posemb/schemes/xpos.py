@@ -8,14 +8,21 @@ carries ``ζ_i^((m - n)/γ)``: a decay for ``m >= n``, which is why xPos is caus
 the factor grows without bound).
 
 Centring and range. Only ``m - n`` matters, so positions are taken relative to a centre ``c`` per
-batch row and call, the midpoint of the smallest and largest position seen (as rotary-embedding-torch
-centres at ``len // 2``); the factors are ``exp(±(p - c)/γ · ln ζ)`` formed in float64. Because the
-centre changes from call to call, keys are cached unrotated (``caches_rotated_keys = False``) and
-re-scaled each decoding step. The largest factor is ``ζ_0^(-S/(2γ))`` for a span ``S = max - min``
-of positions in one call (the whole KV cache when decoding); it must fit the dtype:
-``S <~ 72,000`` tokens in float32/bf16 (``exp(88.7)``) and ``S <~ 9,000`` in fp16 (65504, for
-``|q| ~ 1``). Beyond that, scaled queries overflow to ``inf`` and scores become NaN; absolute
-positions themselves can be as large as you like (10^6 is fine).
+batch row and call, the midpoint of the smallest and largest position seen (rotary-embedding-torch
+centres at ``len // 2``); the factors ``exp(±(p - c)/γ · ln ζ)`` are formed in float64 and rounded
+once. Because the centre changes from call to call, keys are cached unrotated
+(``caches_rotated_keys = False``) and re-scaled at each decoding step. Absolute positions can be
+as large as you like (10^6 is fine); what is limited is the span ``S = max - min`` of the positions
+in one call (the whole KV cache when decoding), with ``u = |ln ζ_0|/γ = 1.2528/512``:
+
+* float32/bf16: every score, the masked future ones ``ζ^((m-n)/γ) = e^(u(n-m))`` included, is
+  finite for ``S <~ 88.7/u ≈ 36,000`` tokens. Up to ``≈ 72,000`` the factors themselves fit and the
+  causal scores are right, but future scores overflow to ``inf`` (harmless only if the attention
+  kernel masks by replacement, not by adding ``-inf``). Beyond, factors overflow and scores are NaN.
+* fp16 outputs: the largest factor ``e^(uS/2)`` must fit 65504 / |q|: ``S <~ 8,000`` for ``|q| ~ 1``.
+
+These limits come from the paper's formula itself (a factor ``ζ_0^(±S/(2γ))`` must be represented);
+for longer contexts use blockwise attention, as the paper does, or plain RoPE.
 """
 from __future__ import annotations
 
