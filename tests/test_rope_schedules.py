@@ -186,7 +186,10 @@ def test_llama3_matches_a_scalar_implementation(d, factor, low, high, orig):
 
 @pytest.mark.parametrize("d, base, factor, orig, fast, slow, truncate", [
     (128, 1e6, 4.0, 32768, 32, 1, True), (64, 1e4, 40.0, 4096, 32, 1, True), (64, 150000.0, 32.0, 4096, 32, 1, False),
-    (128, 1e4, 16.0, 4096, 16, 2, True), (32, 500.0, 2.0, 64, 8, 8, True),  # last one: low == high
+    (128, 1e4, 16.0, 4096, 16, 2, True), (32, 500.0, 2.0, 64, 8, 8, True),  # low == high
+    (32, 100.0, 8.0, 65536, 32, 1, True),    # high clipped to d - 1
+    (32, 1e4, 4.0, 128, 32, 1, False),       # low clipped to 0
+    (32, 10.0, 4.0, 1024, 32, 1, True),      # high clipped to d - 1 (a pair index past d/2 - 1) changes the slope
 ])
 def test_yarn_matches_a_scalar_implementation(d, base, factor, orig, fast, slow, truncate):
     params = dict(factor=factor, original_max_position_embeddings=orig, beta_fast=fast, beta_slow=slow,
@@ -205,7 +208,7 @@ def test_yarn_attention_factor_variants():
     # HF tests truthiness: mscale alone (or mscale_all_dim = 0) falls back to 0.1 ln s + 1
     plain = 0.1 * math.log(16) + 1
     assert compute_inv_freq("yarn", 64, 1e4, dict(base_params, mscale=0.707))[1] == pytest.approx(plain)
-    assert compute_inv_freq("yarn", 64, 1e4, dict(base_params, mscale=1.0, mscale_all_dim=0.0))[1] == pytest.approx(plain)
+    assert compute_inv_freq("yarn", 64, 1e4, dict(base_params, mscale=0.5, mscale_all_dim=0.0))[1] == pytest.approx(plain)
 
 
 def test_yarn_factor_defaults_to_max_over_original():

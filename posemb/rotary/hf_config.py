@@ -23,8 +23,11 @@ that transformers loads gives the same ``inv_freq`` here:
 * **Pretraining length.** For llama3/yarn/longrope a top-level ``original_max_position_embeddings``
   (Phi-3 style) overrides the dict's; if neither exists it is ``max_position_embeddings`` (HF's
   ``standardize_rope_params``).
-* **Layout.** ``"interleaved"`` for ``rope_interleave=True`` (DeepSeek-V2/V3) and for GPT-J, CodeGen
-  and Llama 4 (complex-number RoPE on adjacent pairs); ``"half"`` (rotate_half, NeoX/Llama) otherwise.
+* **Layout.** ``rope_interleave`` when the config has it (DeepSeek-V3 and other MLA models), else
+  ``"interleaved"`` for model types that rotate adjacent pairs (GPT-J, CodeGen, Llama 4, DeepSeek-V2/V3 and
+  the MLA models whose ``rope_interleave`` defaults to True), else ``"half"`` (rotate_half, NeoX/Llama).
+  Only the pairing differs; a checkpoint whose q/k rows were permuted at conversion needs
+  ``from_hf_config(config, layout="half")``.
 
 Anything that would load silently but compute a different model raises ``ValueError`` naming the key:
 an unknown ``rope_type`` (the message lists the known ones), a missing required key, ``factor < 1``,
@@ -44,8 +47,10 @@ from posemb.functional.rope_schedules import ROPE_TYPES, _ALLOWED_KEYS, validate
 
 #: legacy / engine-specific names accepted for ``rope_type``
 ROPE_TYPE_ALIASES = {"su": "longrope"}
-#: model types whose rotation pairs adjacent channels (2i, 2i+1)
-_INTERLEAVED_MODEL_TYPES = {"gptj", "codegen", "llama4", "llama4_text"}
+#: model types whose rotation pairs adjacent channels (2i, 2i+1) when the config says nothing: complex-number
+#: RoPE (GPT-J, CodeGen, Llama 4, DeepSeek-V2) and the MLA models whose ``rope_interleave`` defaults to True
+_INTERLEAVED_MODEL_TYPES = {"gptj", "codegen", "llama4", "llama4_text", "deepseek_v2", "deepseek_v3", "mistral4",
+                            "glm4_moe_lite", "sarvam_mla", "youtu", "axk1"}
 _NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope")
 #: keys the schedule dict may carry besides the schedule's own parameters
 _META_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
@@ -168,9 +173,10 @@ def _partial_rotary_factor(rope: dict[str, Any], reader: _Reader, model_type: st
 
 
 def _layout(reader: _Reader, model_type: str | None) -> str:
-    if reader.get("rope_interleave") is True or model_type in _INTERLEAVED_MODEL_TYPES:
-        return "interleaved"
-    return "half"
+    interleave = reader.get("rope_interleave")
+    if interleave is None:
+        interleave = model_type in _INTERLEAVED_MODEL_TYPES
+    return "interleaved" if interleave else "half"
 
 
 def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True) -> dict[str, Any]:
