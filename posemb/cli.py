@@ -8,6 +8,7 @@ import sys
 # Modules that contribute a subcommand (each defines ``add_parser(subparsers)``).
 SUBCOMMAND_MODULES = [
     "posemb.demo",
+    "posemb.lab.study",
     "posemb.plots",
 ]
 
