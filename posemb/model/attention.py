@@ -28,8 +28,12 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_positions: Tensor,
-           k_positions: Tensor, *, causal: bool) -> Tensor:
+           k_positions: Tensor, *, causal: bool, bias_path: str = "auto") -> Tensor:
     """Attention of already-projected (and, for the rotation site, rotated) q, k, v under ``scheme``.
+
+    ``bias_path`` (bias site only): ``"auto"`` lets :func:`posemb.kernels.flex.bias_attention` pick
+    a path without an (L, L) bias (FlexAttention on CUDA, a Toeplitz view of the bias elsewhere);
+    ``"dense"`` forces the reference below (``score_bias`` + SDPA); ``"toeplitz"``/``"flex"`` force one.
 
     Returns (batch, heads, Lq, head_dim) in q's dtype.
     """
@@ -37,6 +41,12 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_p
     q_len, k_len = q.shape[-2], k.shape[-2]
     if site == "content":
         return _content_attention(q, k, v, scheme, q_positions, k_positions, causal=causal)
+    if site == "bias" and bias_path != "dense":
+        from posemb.kernels.flex import bias_attention  # layer 3; imported lazily to keep imports light
+
+        fast = bias_attention(q, k, v, scheme, q_positions, k_positions, causal=causal, path=bias_path)
+        if fast is not None:
+            return fast
     bias = scheme.score_bias(q_positions, k_positions) if site == "bias" else None
     if bias is None:
         if not causal or q_len == 1:

@@ -31,5 +31,25 @@ class ALiBi(PositionalScheme):
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         return alibi_bias(self.slopes, q_positions, k_positions, causal=self.causal)
 
+    # ---- fast-path hooks (used by ``posemb.kernels.flex``; ``score_bias`` stays the reference) ----
+    def distance_bias(self, distance: Tensor) -> Tensor:
+        """``-m_h |d|`` for integer key-minus-query distances ``distance`` (n,): (heads, n) float32.
+
+        The bias depends on positions only through ``d = j - i``, so attention can read it from
+        this (heads, Lq + Lk - 1) table through a Toeplitz view instead of an (L, L) tensor."""
+        slopes = self.slopes.to(torch.float32)
+        return -slopes[:, None] * distance.to(device=slopes.device, dtype=torch.float32).abs()[None, :]
+
+    def score_mod(self, q_positions: Tensor, k_positions: Tensor):
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding ``-m_h |p_q - p_kv|``,
+        with the explicit positions (batch, seq) captured (so offsets and KV caches work)."""
+        slopes = self.slopes.to(torch.float32)
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            distance = (k_positions[b, kv_idx] - q_positions[b, q_idx]).abs()
+            return score - (slopes[h] * distance).to(score.dtype)
+
+        return alibi
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"

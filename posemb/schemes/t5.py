@@ -43,5 +43,33 @@ class T5Bias(PositionalScheme):
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         return self.bias(self.buckets(q_positions, k_positions)).permute(0, 3, 1, 2)
 
+    # ---- fast-path hooks (used by ``posemb.kernels.flex``; ``score_bias`` stays the reference) ----
+    def distance_bias(self, distance: Tensor) -> Tensor:
+        """``b_h[bucket(d)]`` for integer key-minus-query distances ``distance`` (n,): (heads, n),
+        differentiable in the bias table. Attention reads it through a Toeplitz view instead of
+        building an (L, L) tensor."""
+        buckets = t5_relative_bucket(distance.to(self.bias.weight.device), bidirectional=not self.causal,
+                                     num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.bias(buckets).transpose(0, 1)
+
+    def score_mod(self, q_positions: Tensor, k_positions: Tensor):
+        """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding ``b_h[bucket(p_kv - p_q)]``.
+
+        Buckets saturate by ``reach = max(max_distance, num_buckets)`` (``bucket(d) ==
+        bucket(sign(d) reach)`` beyond it), so the bucket of every distance comes from a
+        (2 reach + 1,) lookup table; the learned table is captured, so gradients reach it where
+        FlexAttention has a backward."""
+        reach = max(self.max_distance, self.num_buckets)
+        lookup = t5_relative_bucket(torch.arange(-reach, reach + 1, device=self.bias.weight.device),
+                                    bidirectional=not self.causal, num_buckets=self.num_buckets,
+                                    max_distance=self.max_distance)
+        table = self.bias.weight
+
+        def t5_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            distance = (k_positions[b, kv_idx] - q_positions[b, q_idx]).clamp(-reach, reach)
+            return score + table[lookup[distance + reach], h].to(score.dtype)
+
+        return t5_bias
+
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}, causal={self.causal}"

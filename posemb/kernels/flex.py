@@ -1,0 +1,186 @@
+"""Bias-site attention (T5, ALiBi) without an (L, L) bias tensor.
+
+The reference path (``posemb.model.attention.attend`` with ``bias_path="dense"``) asks the scheme
+for ``score_bias`` (batch, heads, Lq, Lk), masks it and hands it to SDPA. Two costs dominate on
+CPU (``shared/reference/cpu_performance.md``): building the bias (T5's buckets take 8x the
+attention itself at L=2048), and SDPA with a mask computing the whole L x L square where
+``is_causal=True`` skips the upper half. Two fast paths avoid both:
+
+**Toeplitz path** (CPU, any device; forward and backward). Both biases depend on the positions only
+through the distance ``d = p_key - p_query`` (T5: Raffel et al. 2020, §2.1; ALiBi: Press et al.
+2022, §3). When the positions are consecutive integers (the usual case, KV-cache offsets
+included) ``d = (j - i) + delta`` for one ``delta``, so every bias row is a window of one table
+``u[h, t] = b_h(t - (Lq - 1) + delta)`` of length ``Lq + Lk - 1``. Reversing the query order turns
+the window into the strided view ``M[i', j] = u[i' + j]`` (strides (1, 1): ``as_strided`` allows
+no negative stride), which SDPA reads directly: no (L, L) tensor in the forward pass. Queries are
+processed in blocks of :data:`QUERY_BLOCK` whose keys stop at the block's diagonal, so the causal
+upper triangle is mostly skipped. Gradients reach the learned T5 table through the view (the
+backward makes one (heads, block, Lk) gradient per block, not an (L, L) one).
+
+**FlexAttention path** (CUDA; ``torch.nn.attention.flex_attention``, compiled). The scheme's
+``score_mod`` adds its bias inside the fused kernel; a causal ``BlockMask`` skips masked blocks.
+On CPU, torch 2.13's FlexAttention has no backward and its first compiled call takes seconds, and
+the Toeplitz path is faster anyway, so it is used on CPU only when asked (``path="flex"``; eager
+FlexAttention then runs the unfused reference, useful for testing ``score_mod``).
+
+Anything else (positions that are not consecutive, ``torch.compile`` tracing, schemes without
+these hooks) returns None and the caller uses the dense reference.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from posemb._validation import check_choice, check_int
+
+BIAS_PATHS = ("auto", "dense", "toeplitz", "flex")
+#: queries per SDPA call in the Toeplitz path: large enough to keep the kernel busy, small enough
+#: that the causal upper triangle computed inside each block (block^2 / 2) stays a few percent.
+QUERY_BLOCK = 256
+
+_compiled_flex = None
+
+
+def flex_available() -> bool:
+    """True when this torch has FlexAttention."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except Exception:  # pragma: no cover - torch < 2.5
+        return False
+    return True
+
+
+def consecutive_offset(q_positions: Tensor, k_positions: Tensor) -> int | None:
+    """``delta`` with ``k_positions[b, j] - q_positions[b, i] == (j - i) + delta`` for every b, i, j,
+    or None when the positions are not consecutive integers with one such offset (one host sync)."""
+    checks = []
+    for positions in (q_positions, k_positions):
+        if positions.shape[1] > 1:
+            checks.append((positions[:, 1:] - positions[:, :-1] == 1).all())
+    delta = k_positions[:, :1] - q_positions[:, :1]
+    checks.append((delta == delta.reshape(-1)[0]).all())
+    flags = torch.stack([torch.stack(checks).all().long(), delta.reshape(-1)[0].long()]).tolist()
+    return int(flags[1]) if flags[0] else None
+
+
+def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delta: int, *, causal: bool,
+                            block: int = QUERY_BLOCK) -> Tensor:
+    """``softmax(q k^T / sqrt(d) + b(j - i + delta) [+ causal mask]) v`` with the bias read from a
+    (heads, Lq + Lk - 1) table through strided views (see the module docstring).
+
+    Args:
+        q, k, v: (batch, heads, Lq or Lk, head_dim).
+        distance_bias: callable mapping key-minus-query distances (n,) to the bias (heads, n).
+        delta: the position offset ``p_key[0] - p_query[0]``.
+        causal: query i sees keys j <= i + Lk - Lq (queries are the last Lq of the Lk tokens).
+        block: queries per SDPA call.
+    """
+    check_int("block", block, minimum=1)
+    heads, q_len, k_len = q.shape[1], q.shape[-2], k.shape[-2]
+    shift = k_len - q_len
+    relative = torch.arange(-(q_len - 1), k_len, device=q.device)  # j - i for table index t
+    table = distance_bias(relative + delta)
+    if table.shape != (heads, relative.numel()):
+        raise ValueError(f"distance_bias must return (heads={heads}, {relative.numel()}), got {tuple(table.shape)}")
+    table = table.to(q.dtype)
+    if causal:
+        table = table.masked_fill(relative > shift, float("-inf"))
+    table = table.contiguous()
+    width = table.shape[1]
+    if not causal or q_len <= block:
+        block = q_len
+    outputs = []
+    for start in range(0, q_len, block):
+        stop = min(q_len, start + block)
+        keys = stop + shift if causal else k_len
+        # Reversed queries i' = stop - 1 - i: bias[i', j] = table[h, i' + j + (q_len - stop)].
+        mask = table.as_strided((1, heads, stop - start, keys), (0, width, 1, 1),
+                                table.storage_offset() + q_len - stop)
+        out = F.scaled_dot_product_attention(q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys],
+                                             attn_mask=mask)
+        outputs.append(out.flip(2))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def flex_bias_attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, causal: bool,
+                        compiled: bool | None = None) -> Tensor:
+    """FlexAttention with ``score_mod`` and, when ``causal``, a bottom-right causal block mask.
+
+    ``compiled`` defaults to True on CUDA (the fused kernel) and False elsewhere (the unfused eager
+    reference of FlexAttention, which materialises the scores: for tests, not speed).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    shift = k_len - q_len
+    block_mask = None
+    if causal:
+        def bottom_right_causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + shift
+
+        block_mask = create_block_mask(bottom_right_causal, None, None, q_len, k_len, device=q.device)
+    if compiled is None:
+        compiled = q.device.type == "cuda"
+    function = flex_attention
+    if compiled:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        function = _compiled_flex
+    if compiled:
+        return function(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    with warnings.catch_warnings():
+        # The eager call is deliberate (tests, CPU); its "use torch.compile" advice is noise here.
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return function(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor, k_positions: Tensor, *,
+                   causal: bool, path: str = "auto") -> Tensor | None:
+    """Bias-site attention through a fast path, or None when the dense reference should run.
+
+    ``path``: ``"auto"`` (FlexAttention on CUDA, Toeplitz elsewhere when the positions are
+    consecutive, else None), ``"dense"`` (always None), ``"toeplitz"`` or ``"flex"`` (forced; they
+    raise ``ValueError`` when they cannot apply).
+    """
+    check_choice("path", path, BIAS_PATHS)
+    if path == "dense":
+        return None
+    has_distance = callable(getattr(scheme, "distance_bias", None))
+    has_score_mod = callable(getattr(scheme, "score_mod", None))
+    batch = q.shape[0]
+    if path == "auto":
+        if torch.compiler.is_compiling():
+            return None
+        if q.device.type == "cuda" and has_score_mod and flex_available():
+            path = "flex"
+        elif has_distance:
+            path = "toeplitz"
+        else:
+            return None
+        if path == "toeplitz":
+            delta = consecutive_offset(q_positions, k_positions)
+            if delta is None:
+                return None
+            return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal)
+    name = type(scheme).__name__
+    if path == "toeplitz":
+        if not has_distance:
+            raise ValueError(f"path='toeplitz' needs a distance_bias method, which {name} does not have")
+        delta = consecutive_offset(q_positions, k_positions)
+        if delta is None:
+            raise ValueError("path='toeplitz' needs consecutive positions with one key-query offset for "
+                             "every batch row; use path='auto' or 'dense' for other positions")
+        return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal)
+    if not has_score_mod:
+        raise ValueError(f"path='flex' needs a score_mod method, which {name} does not have")
+    if not flex_available():
+        raise ValueError("path='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise ValueError("path='flex' has no backward on CPU in this torch (FlexAttention raises "
+                         "NotImplementedError); use path='auto' or 'toeplitz', which have one")
+    score_mod = scheme.score_mod(q_positions.expand(batch, -1), k_positions.expand(batch, -1))
+    return flex_bias_attention(q, k, v, score_mod, causal=causal)
