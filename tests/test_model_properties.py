@@ -120,3 +120,31 @@ def test_batch_elements_are_independent(name):
         together = model(tokens)
         alone = model(tokens[1:2])
     torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_decoding_across_the_switch_equals_the_full_pass_at_every_layer(rope_type):
+    """dynamic NTK's base grows past max_position_embeddings=6 and LongRoPE switches factors past 6:
+    the model re-prefills when the encoding changes, so decoding stays exact at depth 3."""
+    scaling = {"factor": 2.0} if rope_type == "dynamic" else {
+        "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 2.0, 4.0, 8.0],
+        "original_max_position_embeddings": 6}
+    torch.manual_seed(0)
+    model = posemb.TransformerLM(VOCAB, 32, 3, 4, scheme="rope", rope_type=rope_type, scaling=scaling,
+                                 max_position_embeddings=6).eval()
+    with torch.no_grad():
+        for blk in model.blocks:  # sharpen attention so a wrong rotation shows
+            blk.attn.qkv.weight.mul_(8.0)
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        for exact in (True, False):
+            model.exact_decoding = exact
+            cache, worst = model.new_cache(), 0.0
+            step = model(tokens[:, :3], cache=cache)
+            for t in range(3, 12):
+                step = model(tokens[:, t:t + 1], cache=cache)[:, -1]
+                worst = max(worst, (step - model(tokens[:, : t + 1])[:, -1]).abs().max().item())
+            if exact:
+                assert worst < 1e-5
+            else:  # without re-prefill, deeper layers read stale hidden states
+                assert worst > 1e-4

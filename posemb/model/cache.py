@@ -40,10 +40,23 @@ class KVCache:
     num_layers: int
     layers: list[LayerCache] = field(default_factory=list)
     next_position: Tensor | None = None  # (batch,) next default position per sequence
+    #: every token and position fed so far, so the model can re-prefill when the encoding changes
+    tokens: Tensor | None = None
+    positions: Tensor | None = None
+    #: the context-dependent schemes' ``frequency_key`` per batch row when the cache was filled
+    frequency_keys: tuple | None = None
 
     def __post_init__(self) -> None:
         if not self.layers:
             self.layers = [LayerCache() for _ in range(self.num_layers)]
+
+    def clear_layers(self) -> None:
+        self.layers = [LayerCache() for _ in range(self.num_layers)]
+
+    def record(self, tokens: Tensor, positions: Tensor) -> None:
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], dim=1)
+        self.next_position = positions[:, -1] + 1
 
     @property
     def length(self) -> int:

@@ -48,11 +48,16 @@ class TransformerLM(nn.Module):
         scheme: a name from :func:`posemb.available` (default ``"rope"``).
         causal: decoder (True) or bidirectional encoder (False).
         mlp_ratio: hidden width of the MLP as a multiple of ``dim``.
+        exact_decoding: with a KV cache and a context-dependent scheme (dynamic NTK, LongRoPE),
+            re-prefill the cache when the scheme's encoding changes, so each decoding step equals a
+            full pass over its prefix at every layer (see ``docs/decoding.md``). False keeps the
+            cache and accepts stale hidden states in layers past the first, which is cheaper.
         **scheme_options: options of the scheme (see :func:`posemb.scheme_options`).
     """
 
     def __init__(self, vocab_size: int, dim: int, depth: int, heads: int, scheme: str = "rope", *,
-                 causal: bool = True, mlp_ratio: int = 4, **scheme_options: Any) -> None:
+                 causal: bool = True, mlp_ratio: int = 4, exact_decoding: bool = True,
+                 **scheme_options: Any) -> None:
         super().__init__()
         check_int("vocab_size", vocab_size, minimum=1)
         check_int("dim", dim, minimum=1)
@@ -63,6 +68,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.vocab_size, self.dim, self.depth, self.heads = vocab_size, dim, depth, heads
         self.causal = causal
+        self.exact_decoding = bool(exact_decoding)
         self.scheme_name = scheme
         self.scheme_options = dict(scheme_options)
         cls = scheme_class(scheme)
@@ -132,13 +138,34 @@ class TransformerLM(nn.Module):
             if bool((positions < 0).any()):
                 raise ValueError("positions must be >= 0")
         positions = positions.to(device=tokens.device, dtype=torch.long)
+        if cache is not None and self.exact_decoding and self._context_dependent_schemes():
+            all_positions = positions if cache.positions is None else torch.cat([cache.positions, positions], 1)
+            contexts = (all_positions.amax(dim=1) + 1).tolist()
+            keys = tuple(tuple(s.frequency_key(int(c)) for c in contexts) for s in self._context_dependent_schemes())
+            stale = cache.length > 0 and keys != cache.frequency_keys
+            cache.frequency_keys = keys
+            if stale:
+                # The encoding changed (LongRoPE's switch, dynamic NTK's growing base): hidden states
+                # cached under the old one are stale in every layer past the first, so recompute the
+                # whole prefix, exactly as a full pass would (what HF's Phi-3 does at the switch).
+                all_tokens = torch.cat([cache.tokens, tokens], dim=1)
+                cache.clear_layers()
+                cache.tokens = cache.positions = None
+                return self._run(all_tokens, all_positions, cache)[:, -length:]
+        return self._run(tokens, positions, cache)
+
+    def _context_dependent_schemes(self) -> list[PositionalScheme]:
+        return [s for s in self.schemes
+                if type(s).frequency_key is not PositionalScheme.frequency_key and not s.caches_rotated_keys]
+
+    def _run(self, tokens: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
         x = self.embed(tokens)
         if self.input_scheme is not None:
             x = self.input_scheme.embed_input(x, positions)
         for index, block in enumerate(self.blocks):
             x = block(x, positions, None if cache is None else cache.layers[index])
         if cache is not None:
-            cache.next_position = positions[:, -1] + 1
+            cache.record(tokens, positions)
         return self.head(self.norm(x))
 
     @torch.no_grad()

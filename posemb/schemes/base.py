@@ -41,7 +41,13 @@ class PositionalScheme(nn.Module):
     #: rotation site only. True: rotated keys are cached for decoding. False: the rotation of a key
     #: depends on the whole context (dynamic NTK, LongRoPE's switch), so the KV cache keeps keys
     #: unrotated and all keys are re-rotated consistently at each step (see ``docs/decoding.md``).
-    caches_rotated_keys: ClassVar[bool] = True
+    caches_rotated_keys: bool = True
+
+    def frequency_key(self, context_length: int) -> int:
+        """Id of the position encoding in force for a context of ``context_length`` tokens. It only
+        changes for schemes whose encoding depends on the context (dynamic NTK, LongRoPE): hidden
+        states computed under another id are stale, and the model re-prefills its KV cache."""
+        return 0
 
     # ---- site "input" ------------------------------------------------------------------------
     def embed_input(self, x: Tensor, positions: Tensor) -> Tensor:
