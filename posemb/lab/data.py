@@ -219,27 +219,35 @@ class RandomWindows:
         return windows[:, :-1], windows[:, 1:]
 
 
-def evaluation_stream(validation: Tensor, eval_tokens: int, longest: int) -> Tensor:
-    """The first ``n + 1`` validation bytes, ``n`` the largest multiple of ``longest`` <= ``eval_tokens``.
+def evaluation_chunks(validation: Tensor, eval_tokens: int, longest: int) -> Tensor:
+    """``n = eval_tokens // longest`` chunks of ``longest + 1`` validation bytes, at offsets spread
+    evenly over the whole validation split: shape (n, longest + 1).
 
-    Every evaluation length scores the same ``n`` target bytes (so lengths differ only in how much
-    context each byte sees), cut into non-overlapping windows of that length.
+    Every evaluation length scores exactly these ``n * longest`` target bytes (so lengths differ only
+    in how much context each byte sees), each chunk cut into non-overlapping windows of that length.
+    Spreading the chunks over the split keeps a small budget from scoring one or two files only.
     """
     check_int("eval_tokens", eval_tokens, minimum=1)
     check_int("longest", longest, minimum=1)
-    available = validation.numel() - 1
-    usable = min(eval_tokens, available) // longest * longest
-    if usable < longest:
+    if validation.numel() < longest + 1:
         raise ValueError(f"the validation split has {validation.numel():,} bytes; evaluating at length {longest} "
                          f"needs at least {longest + 1}: use a larger --data or shorter --eval-lengths")
-    return validation[:usable + 1]
+    wanted = max(1, eval_tokens // longest)
+    fit = validation.numel() // (longest + 1)
+    count = min(wanted, fit)
+    stride = validation.numel() // count
+    offsets = torch.arange(count) * stride
+    return validation[offsets[:, None] + torch.arange(longest + 1)]
 
 
-def windows(stream: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """Cut a stream of ``n + 1`` bytes into ``n / length`` (inputs, targets) windows of ``length``."""
-    n = stream.numel() - 1
-    if n % length:
-        raise ValueError(f"stream of {n} targets is not a multiple of length {length}")
-    inputs = stream[:-1].view(-1, length).long()
-    targets = stream[1:].view(-1, length).long()
+def windows(chunks: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Cut chunks (n, m + 1) into (inputs, targets) windows of ``length`` (``m`` a multiple of it):
+    window ``w`` of a chunk predicts bytes ``w * length + 1 .. (w + 1) * length`` from the bytes before."""
+    if chunks.dim() != 2:
+        raise ValueError(f"chunks must be (n, m + 1), got shape {tuple(chunks.shape)}")
+    m = chunks.shape[1] - 1
+    if m % length:
+        raise ValueError(f"chunks of {m} targets are not a multiple of length {length}")
+    inputs = chunks[:, :-1].reshape(-1, length).long()
+    targets = chunks[:, 1:].reshape(-1, length).long()
     return inputs, targets

@@ -127,15 +127,16 @@ def bucket_losses(position_loss_sum: Tensor, position_count: Tensor) -> list[dic
 
 
 @torch.inference_mode()
-def lm_loss_at_length(model: TransformerLM, stream: Tensor, length: int, *, device: str = "cpu",
-                      batch_tokens: int = 16384, progress: bool = False, desc: str = "eval") -> dict:
-    """Mean next-byte loss (nats/token) of ``model`` on ``stream`` cut into windows of ``length``.
+def lm_loss_at_length(model: TransformerLM, chunks: Tensor, length: int, *, device: str = "cpu",
+                      batch_tokens: int = 8192, progress: bool = False, desc: str = "eval") -> dict:
+    """Mean next-byte loss (nats/token) of ``model`` on evaluation ``chunks`` (see
+    :func:`posemb.lab.data.evaluation_chunks`) cut into windows of ``length``.
 
     Returns ``{"eval_length", "loss", "ppl", "tokens", "seconds", "buckets", "note"}``; a scheme
     that cannot address the positions (the learned table beyond N_max) gives ``loss = None`` and
     ``note = "n/a (beyond N_max)"``: never a clamped number.
     """
-    inputs, targets = windows(stream, length)
+    inputs, targets = windows(chunks, length)
     rows_per_batch = max(1, batch_tokens // length)
     mine = list(_shard(inputs.shape[0]))
     loss_sum = torch.zeros(length, dtype=torch.float64)
@@ -174,7 +175,7 @@ def lm_loss_at_length(model: TransformerLM, stream: Tensor, length: int, *, devi
 
 @torch.inference_mode()
 def passkey_at_length(model: TransformerLM, length: int, *, depths=passkey.DEFAULT_DEPTHS, samples: int = 32,
-                      seed: int = 0, device: str = "cpu", batch_tokens: int = 16384) -> list[dict]:
+                      seed: int = 0, device: str = "cpu", batch_tokens: int = 8192) -> list[dict]:
     """Accuracy (exact match of all key digits) and key-digit loss at ``length``, one dict per depth."""
     results = []
     rows_per_batch = max(1, batch_tokens // length)

@@ -35,7 +35,7 @@ import torch
 from posemb._validation import check_choice, check_int
 from posemb.lab import passkey
 from posemb.lab.checkpoint import atomic_write_json, load_checkpoint, read_json
-from posemb.lab.data import RandomWindows, evaluation_stream, load_corpus
+from posemb.lab.data import RandomWindows, evaluation_chunks, load_corpus
 from posemb.lab.evaluate import (ROPE_VARIANTS, lm_loss_at_length, passkey_at_length, rope_variant_model)
 from posemb.lab.progress import StudyLog, format_seconds
 from posemb.lab.report import write_report
@@ -51,10 +51,10 @@ EVAL_FACTORS = (1, 2, 4, 8, 16)
 PROFILES: dict[str, dict] = {
     "quick": dict(model=ModelConfig(dim=128, depth=3, heads=4),
                   train=TrainConfig(train_length=128, batch_size=32, steps=200, lr=2e-3, warmup_steps=20),
-                  eval_tokens=32_768, eval_batch_tokens=16_384, passkey_samples=32),
+                  eval_tokens=16_384, eval_batch_tokens=8_192, passkey_samples=32),
     "full": dict(model=ModelConfig(dim=512, depth=8, heads=8),
                  train=TrainConfig(train_length=512, batch_size=64, steps=5000, lr=6e-4, warmup_steps=200),
-                 eval_tokens=1_048_576, eval_batch_tokens=65_536, passkey_samples=100),
+                 eval_tokens=1_048_576, eval_batch_tokens=32_768, passkey_samples=100),
 }
 
 
@@ -71,8 +71,8 @@ class StudyConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_lengths: tuple[int, ...] = ()
-    eval_tokens: int = 32_768
-    eval_batch_tokens: int = 16_384
+    eval_tokens: int = 16_384
+    eval_batch_tokens: int = 8_192
     passkey_samples: int = 32
     rope_variants: tuple[str, ...] = ROPE_VARIANTS
     device: str = "auto"
@@ -222,11 +222,11 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
         if corpus.train.numel() < train_length + 1:
             raise ValueError(f"the training split has {corpus.train.numel():,} bytes; training length "
                              f"{train_length} needs at least {train_length + 1}")
-        stream = evaluation_stream(corpus.validation, config.eval_tokens, longest)
+        chunks = evaluation_chunks(corpus.validation, config.eval_tokens, longest)
         data_description, fingerprint = corpus.describe(), corpus.fingerprint
-        eval_tokens = stream.numel() - 1
+        eval_tokens = chunks.shape[0] * longest
     else:
-        corpus, stream = None, None
+        corpus, chunks = None, None
         data_description = f"passkey samples (filler: {passkey.FILLER.strip()!r} repeated)"
         fingerprint, eval_tokens = "passkey-v1", config.passkey_samples * len(passkey.DEFAULT_DEPTHS)
 
@@ -250,7 +250,7 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
         run_name = f"{scheme}-seed{seed}"
         run_dir = out / "runs" / f"{run_name}-{train_hash}"
         record, worked = _run_one(config, scheme, seed, run_name, run_dir, train_identity, eval_hash, corpus,
-                                  stream, device, log, hooks)
+                                  chunks, device, log, hooks)
         trained_now += record["trained_now"]
         reused += not record["trained_now"]
         records.append(record)
@@ -280,7 +280,7 @@ def _meta(config: StudyConfig, environment: dict, data: str, eval_tokens: int, w
 
 
 def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir: Path, train_identity: dict,
-             eval_hash: str, corpus, stream, device: str, log: StudyLog, hooks: StudyHooks) -> tuple[dict, bool]:
+             eval_hash: str, corpus, chunks, device: str, log: StudyLog, hooks: StudyHooks) -> tuple[dict, bool]:
     info = dist_info()
     train_length = config.train.train_length
     train_json, checkpoint = run_dir / "train.json", run_dir / "checkpoint.pt"
@@ -338,7 +338,7 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
                 # Every scaling is the identity at factor 1: the trained rope's own number.
                 base = entries.get(scheme, {}).get(str(length))
                 if base is None:
-                    base = _evaluate(config, trained_model, stream, length, seed, device, f"{scheme} @{length}")
+                    base = _evaluate(config, trained_model, chunks, length, seed, device, f"{scheme} @{length}")
                     entries.setdefault(scheme, {})[str(length)] = base
                 result = json.loads(json.dumps(base))
                 if isinstance(result, dict):
@@ -348,7 +348,7 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
                 if "+" in label:
                     model = rope_variant_model(state, label.split("+", 1)[1], length / train_length, config.model,
                                                train_length, device)
-                result = _evaluate(config, model, stream, length, seed, device, f"{label} @{length}")
+                result = _evaluate(config, model, chunks, length, seed, device, f"{label} @{length}")
             entries.setdefault(label, {})[str(length)] = result
             if info.is_main:
                 atomic_write_json(eval_path, entries)
@@ -358,9 +358,9 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
     return record, worked
 
 
-def _evaluate(config: StudyConfig, model, stream, length: int, seed: int, device: str, desc: str):
+def _evaluate(config: StudyConfig, model, chunks, length: int, seed: int, device: str, desc: str):
     if config.task == "lm":
-        return lm_loss_at_length(model, stream, length, device=device, batch_tokens=config.eval_batch_tokens,
+        return lm_loss_at_length(model, chunks, length, device=device, batch_tokens=config.eval_batch_tokens,
                                  progress=config.progress, desc=desc)
     return passkey_at_length(model, length, samples=config.passkey_samples, seed=seed, device=device,
                              batch_tokens=config.eval_batch_tokens)
