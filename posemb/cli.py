@@ -10,6 +10,7 @@ SUBCOMMAND_MODULES = [
     "posemb.demo",
     "posemb.lab.study",
     "posemb.plots",
+    "posemb.bench",
 ]
 
 

@@ -1,0 +1,547 @@
+"""``posemb bench``: the speed and memory of posemb's hot paths next to their baselines, in one process.
+
+Sections (``--sections``, default all):
+
+* ``rope``: applying RoPE to q and k. posemb's fused kernel (in place, ``out=``, out of place)
+  against Hugging Face transformers' ``apply_rotary_pos_emb``, torchtune's and
+  rotary-embedding-torch's RoPE (each when installed), posemb's plain reference, and two floors:
+  ``copy_`` into a preallocated buffer and a fresh allocation plus copy.
+* ``relative``: Shaw, Transformer-XL and DeBERTa attention (the content site, forward, no grad):
+  time and peak memory against plain causal SDPA and against a naive version that materialises
+  the (Lq, Lk, head_dim) relative tensors.
+* ``bias``: T5 and ALiBi attention (posemb's automatic path and the dense reference) against plain
+  causal SDPA, forward and forward + backward.
+* ``train``: training tokens/s of ``posemb.TransformerLM`` against x-transformers at the same size.
+
+Method: every implementation of one comparison is timed in the same process, in interleaved
+rounds (so load from other processes hits all of them alike); the table reports medians and
+ratios of medians measured in that run. Peak memory is the growth of the process's resident set
+high-water mark during one call (Linux ``/proc``; freed heap is first returned with
+``malloc_trim``), so it counts the call's own allocations, output included, not its inputs.
+Ratios, shapes, dtypes, the torch version and the thread count go to a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+SECTIONS = ("rope", "relative", "bias", "train")
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+def time_interleaved(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in ``repeats`` interleaved rounds."""
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            match = re.search(rf"^{key}:\s+(\d+) kB", handle.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def peak_memory_bytes(function: Callable[[], Any]) -> int | None:
+    """Growth of the resident-set high-water mark during one call of ``function`` (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return None
+    result = function()
+    peak = _status_kib("VmHWM")
+    del result
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) * 1024
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return statistics.median(seconds) * 1e3
+
+
+def _shape_text(shape) -> str:
+    return "[" + ",".join(str(s) for s in shape) + "]"
+
+
+# ---- RoPE -------------------------------------------------------------------------------------------
+def _hf_apply_rotary():
+    try:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    except Exception:
+        return None
+    return apply_rotary_pos_emb
+
+
+def _torchtune_rope(head_dim: int, length: int):
+    try:
+        from torchtune.modules import RotaryPositionalEmbeddings
+    except Exception:
+        return None
+    return RotaryPositionalEmbeddings(head_dim, max_seq_len=length)
+
+
+def _rotary_embedding_torch(head_dim: int):
+    try:
+        from rotary_embedding_torch import RotaryEmbedding
+    except Exception:
+        return None
+    return RotaryEmbedding(dim=head_dim)
+
+
+def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
+    from posemb.functional.rope import apply_rotary as reference_rotary
+    from posemb.functional.rope import rotary_cos_sin
+    from posemb.kernels import apply_rotary_qk
+
+    shapes = [(1, 8, 512, 64), (2, 4, 256, 32)] if quick else [(1, 32, 4096, 128), (8, 8, 1024, 64)]
+    dtypes = [torch.float32, torch.bfloat16]
+    hf_apply = _hf_apply_rotary()
+    rows, notes = [], []
+    if hf_apply is None:
+        notes.append("transformers not installed: its apply_rotary_pos_emb skipped")
+    for shape in shapes:
+        batch, heads, length, head_dim = shape
+        tune = _torchtune_rope(head_dim, length)
+        ret = _rotary_embedding_torch(head_dim)
+        if tune is None and "torchtune not installed: skipped" not in notes:
+            notes.append("torchtune not installed: skipped")
+        if ret is None and "rotary-embedding-torch not installed: skipped" not in notes:
+            notes.append("rotary-embedding-torch not installed: skipped")
+        positions = torch.arange(length)[None]
+        inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        cos, sin = rotary_cos_sin(positions, inv_freq)  # (1, L, D/2) float32
+        for dtype in dtypes:
+            generator = torch.Generator().manual_seed(0)
+            q = torch.randn(shape, generator=generator).to(dtype)
+            k = torch.randn(shape, generator=generator).to(dtype)
+            out_q, out_k = torch.empty_like(q), torch.empty_like(k)
+            cos_hf = torch.cat((cos, cos), dim=-1).to(dtype)
+            sin_hf = torch.cat((sin, sin), dim=-1).to(dtype)
+            functions: dict[str, Callable[[], Any]] = {
+                "copy floor (copy_ into buffers)": lambda: (out_q.copy_(q), out_k.copy_(k)),
+                "alloc + copy (clone)": lambda: (q.clone(), k.clone()),
+                "posemb in place": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True),
+                "posemb out=": lambda: apply_rotary_qk(q, k, cos, sin, out=(out_q, out_k)),
+                "posemb out of place": lambda: apply_rotary_qk(q, k, cos, sin),
+                "posemb in place, interleaved": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True, interleaved=True),
+                "posemb reference (functional)": lambda: (reference_rotary(q, cos, sin), reference_rotary(k, cos, sin)),
+            }
+            if hf_apply is not None:
+                functions["transformers apply_rotary_pos_emb"] = lambda: hf_apply(q, k, cos_hf, sin_hf)
+            if tune is not None:
+                # torchtune wants (batch, seq, heads, head_dim); the transposes are views.
+                functions["torchtune RotaryPositionalEmbeddings"] = lambda: (tune(q.transpose(1, 2)), tune(k.transpose(1, 2)))
+            if ret is not None:
+                functions["rotary-embedding-torch"] = lambda: (ret.rotate_queries_or_keys(q), ret.rotate_queries_or_keys(k))
+            # Agreement check (outside the timing): posemb's fast path against transformers.
+            max_diff = None
+            if hf_apply is not None:
+                expected_q, _ = hf_apply(q, k, cos_hf, sin_hf)
+                got_q, _ = apply_rotary_qk(q, k, cos, sin)
+                max_diff = float((got_q.float() - expected_q.float()).abs().max())
+            times = time_interleaved(functions, repeats)
+            floor = _median_ms(times["copy floor (copy_ into buffers)"])
+            alloc = _median_ms(times["alloc + copy (clone)"])
+            inplace = _median_ms(times["posemb in place"])
+            for name, seconds in times.items():
+                median = _median_ms(seconds)
+                rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
+                             "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
+                             "x_floor": round(median / floor, 3), "x_alloc_copy": round(median / alloc, 3),
+                             "x_posemb_inplace": round(median / inplace, 3)})
+            rows[-1]["max_abs_diff_vs_transformers"] = max_diff
+    return {"rows": rows, "notes": notes}
+
+
+# ---- relative attention (content site) -------------------------------------------------------------
+def _naive_relative_attention(scheme, q, k, v, positions) -> torch.Tensor:
+    """The per-pair form each paper writes first: relative vectors materialised for every (i, j)."""
+    from posemb.functional.relative import clipped_index, query_minus_key
+    from posemb.model.attention import causal_mask
+
+    name = scheme.name
+    length, head_dim = q.shape[-2], q.shape[-1]
+    distance = positions[0][None, :] - positions[0][:, None]  # j - i, (L, L)
+    scores = q @ k.transpose(-1, -2)
+    extra_values = None
+    if name == "shaw":
+        index = clipped_index(distance, scheme.max_relative_position)
+        a_key = scheme.key_table[0][index]                                     # (L, L, d)
+        a_value = scheme.value_table[0][index]
+        scores = scores + torch.einsum("bhid,ijd->bhij", q, a_key)
+    elif name == "transformer_xl":
+        rel = query_minus_key(positions, positions)[0]                          # i - j
+        table = scheme.relative_embeddings(torch.arange(-(length - 1), length))  # (H, 2L-1, d)
+        r = table[:, rel + length - 1]                                         # (H, L, L, d)
+        scores = scores + torch.einsum("bhid,hijd->bhij", q + scheme.position_bias[:, None, :], r)
+        scores = scores + (k @ scheme.content_bias[:, :, None]).transpose(-1, -2)
+    elif name == "deberta":
+        index = scheme.relative_index(positions, positions)[0]                  # (L, L)
+        key_r = scheme._projected(scheme.pos_key_proj, q.dtype)[:, index]       # (H, L, L, d)
+        query_r = scheme._projected(scheme.pos_query_proj, q.dtype)[:, index]
+        scores = scores + torch.einsum("bhid,hijd->bhij", q, key_r) + torch.einsum("bhjd,hijd->bhij", k, query_r)
+    else:
+        raise ValueError(f"no naive form for scheme {name!r}")
+    scores = scores * scheme.logit_scale(head_dim)
+    scores = scores.masked_fill(~causal_mask(length, length, q.device), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = probs @ v
+    if name == "shaw":
+        extra_values = torch.einsum("bhij,ijd->bhid", probs, a_value)
+        out = out + extra_values
+    return out
+
+
+def _relative_schemes(dim: int, heads: int):
+    import posemb
+
+    head_dim = dim // heads
+    return {"shaw": posemb.build("shaw", head_dim=head_dim, num_heads=heads),
+            "transformer_xl": posemb.build("transformer_xl", dim=dim, num_heads=heads),
+            "deberta": posemb.build("deberta", dim=dim, num_heads=heads)}
+
+
+def bench_relative(quick: bool, repeats: int) -> dict[str, Any]:
+    from posemb.model.attention import attend
+
+    heads, head_dim = 8, 64
+    long_length, naive_length = (512, 128) if quick else (4096, 512)
+    schemes = _relative_schemes(heads * head_dim, heads)
+    rows, notes = [], []
+    notes.append(f"naive versions run at L={naive_length} only: at L={long_length} their (H, L, L, d) tensors "
+                 f"would need {heads * long_length ** 2 * head_dim * 4 / 2 ** 30:.0f} GiB each")
+    for length in (long_length, naive_length):
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
+        positions = torch.arange(length)[None]
+        functions: dict[str, Callable[[], Any]] = {
+            "plain SDPA (causal)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        for name, scheme in schemes.items():
+            functions[f"{name} (posemb)"] = (lambda s=scheme: attend(q, k, v, s, positions, positions, causal=True))
+            if length == naive_length:
+                functions[f"{name} (naive)"] = (lambda s=scheme: _naive_relative_attention(s, q, k, v, positions))
+        with torch.no_grad():
+            for name, scheme in schemes.items():
+                if length == naive_length:
+                    fast = attend(q, k, v, scheme, positions, positions, causal=True)
+                    naive = _naive_relative_attention(scheme, q, k, v, positions)
+                    notes.append(f"{name}: max |posemb - naive| = {float((fast - naive).abs().max()):.2e} at L={length}")
+            times = time_interleaved(functions, repeats)
+            memory = {name: peak_memory_bytes(function) for name, function in functions.items()}
+        base_time = _median_ms(times["plain SDPA (causal)"])
+        base_memory = memory["plain SDPA (causal)"]
+        for name, seconds in times.items():
+            median = _median_ms(seconds)
+            peak = memory[name]
+            rows.append({"length": length, "shape": [1, heads, length, head_dim], "dtype": "float32", "impl": name,
+                         "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
+                         "x_sdpa_time": round(median / base_time, 3),
+                         "peak_mib": None if peak is None else round(peak / 2 ** 20, 2),
+                         "x_sdpa_memory": None if not (peak and base_memory) else round(peak / base_memory, 2)})
+    return {"rows": rows, "notes": notes}
+
+
+# ---- bias site (T5, ALiBi) ------------------------------------------------------------------------
+def bench_bias(quick: bool, repeats: int) -> dict[str, Any]:
+    import posemb
+    from posemb.model.attention import attend
+
+    heads, head_dim = 8, 64
+    length = 512 if quick else 2048
+    t5 = posemb.build("t5", num_heads=heads)
+    torch.nn.init.normal_(t5.bias.weight)
+    alibi = posemb.build("alibi", num_heads=heads)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
+    grad = torch.randn(1, heads, length, head_dim, generator=generator)
+    positions = torch.arange(length)[None]
+    rows, notes = [], []
+    for name, scheme in (("t5", t5), ("alibi", alibi)):
+        with torch.no_grad():
+            fast = attend(q, k, v, scheme, positions, positions, causal=True)
+            dense = attend(q, k, v, scheme, positions, positions, causal=True, bias_path="dense")
+        notes.append(f"{name}: max |auto - dense| = {float((fast - dense).abs().max()):.2e}")
+
+    def forward(scheme=None, path="auto"):
+        def run():
+            with torch.no_grad():
+                if scheme is None:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return attend(q, k, v, scheme, positions, positions, causal=True, bias_path=path)
+        return run
+
+    def forward_backward(scheme=None, path="auto"):
+        def run():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            if scheme is None:
+                out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+            else:
+                out = attend(qq, kk, vv, scheme, positions, positions, causal=True, bias_path=path)
+            out.backward(grad)
+            if scheme is not None:
+                scheme.zero_grad(set_to_none=True)
+        return run
+
+    for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
+        functions = {"plain SDPA (causal)": make()}
+        for name, scheme in (("t5", t5), ("alibi", alibi)):
+            functions[f"{name} (posemb auto)"] = make(scheme)
+            functions[f"{name} (dense bias, reference)"] = make(scheme, "dense")
+        times = time_interleaved(functions, repeats)
+        base = _median_ms(times["plain SDPA (causal)"])
+        for name, seconds in times.items():
+            median = _median_ms(seconds)
+            rows.append({"mode": mode, "length": length, "shape": [1, heads, length, head_dim], "dtype": "float32",
+                         "impl": name, "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
+                         "x_sdpa_causal": round(median / base, 3)})
+    return {"rows": rows, "notes": notes}
+
+
+# ---- training throughput ---------------------------------------------------------------------------
+def bench_train(quick: bool, repeats: int) -> dict[str, Any]:
+    import posemb
+
+    vocab = 256
+    if quick:
+        dim, depth, heads, batch, length, steps = 64, 2, 2, 4, 128, 3
+    else:
+        dim, depth, heads, batch, length, steps = 256, 4, 4, 8, 512, max(5, repeats)
+    rows, notes = [], []
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (steps + 1, batch, length + 1), generator=generator)
+
+    def posemb_model(scheme):
+        torch.manual_seed(0)
+        return posemb.TransformerLM(vocab, dim=dim, depth=depth, heads=heads, scheme=scheme)
+
+    def x_transformers_model(scheme):
+        try:
+            from x_transformers import Decoder, TransformerWrapper
+        except Exception:
+            return None
+        torch.manual_seed(0)
+        options = {"rope": {"rotary_pos_emb": True}, "alibi": {"alibi_pos_bias": True}}[scheme]
+        return TransformerWrapper(num_tokens=vocab, max_seq_len=length, tie_embedding=True,
+                                  attn_layers=Decoder(dim=dim, depth=depth, heads=heads, attn_flash=True, **options))
+
+    candidates = []
+    for scheme in ("rope", "alibi"):
+        candidates.append((f"posemb TransformerLM ({scheme})", scheme, posemb_model(scheme)))
+        other = x_transformers_model(scheme)
+        if other is None:
+            notes.append("x-transformers not installed: skipped")
+        else:
+            candidates.append((f"x-transformers ({scheme})", scheme, other))
+    optimizers = {name: torch.optim.AdamW(model.parameters(), lr=1e-3) for name, _, model in candidates}
+
+    def step_function(name, model):
+        state = {"index": 0}
+
+        def step():
+            batch_tokens = data[state["index"] % len(data)]
+            state["index"] += 1
+            logits = model(batch_tokens[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, vocab), batch_tokens[:, 1:].reshape(-1))
+            loss.backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+        return step
+
+    functions = {name: step_function(name, model) for name, _, model in candidates}
+    times = time_interleaved(functions, steps, warmup=2)
+    tokens = batch * length
+    reference = {scheme: statistics.median(times[f"x-transformers ({scheme})"])
+                 for scheme in ("rope", "alibi") if f"x-transformers ({scheme})" in times}
+    for name, scheme, model in candidates:
+        median = statistics.median(times[name])
+        rows.append({"impl": name, "scheme": scheme, "dim": dim, "depth": depth, "heads": heads, "batch": batch,
+                     "length": length, "dtype": "float32", "parameters": sum(p.numel() for p in model.parameters()),
+                     "median_step_ms": round(median * 1e3, 2), "tokens_per_s": round(tokens / median, 1),
+                     "step_times_ms": [round(t * 1e3, 2) for t in times[name]],
+                     "x_xtransformers_tokens_per_s": (round(reference[scheme] / median, 3)
+                                                      if scheme in reference else None)})
+    return {"rows": rows, "notes": notes}
+
+
+# ---- targets, table, JSON --------------------------------------------------------------------------
+def _targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+
+    def add(name, value, comparison, bound, detail):
+        met = None if value is None else (value <= bound if comparison == "<=" else value >= bound)
+        targets.append({"name": name, "value": None if value is None else round(value, 3),
+                        "target": f"{comparison} {bound}", "met": met, "detail": detail})
+
+    rope = sections.get("rope")
+    if rope:
+        groups: dict[tuple, dict[str, dict]] = {}
+        for row in rope["rows"]:
+            groups.setdefault((tuple(row["shape"]), row["dtype"]), {})[row["impl"]] = row
+        for (shape, dtype), impls in groups.items():
+            where = f"{_shape_text(shape)} {dtype}"
+            add(f"rope in place / copy floor, {where}", impls["posemb in place"]["x_floor"], "<=", 1.3, "q and k")
+            add(f"rope out= / copy floor, {where}", impls["posemb out="]["x_floor"], "<=", 1.3, "q and k")
+            if "transformers apply_rotary_pos_emb" in impls:
+                add(f"transformers / posemb in place, {where}",
+                    impls["transformers apply_rotary_pos_emb"]["x_posemb_inplace"], ">=", 5.0, "speed-up")
+            add(f"rope out of place / (alloc + copy), {where}", impls["posemb out of place"]["x_alloc_copy"], "<=", 1.0,
+                "one allocation plus copy")
+    relative = sections.get("relative")
+    if relative:
+        longest = max(row["length"] for row in relative["rows"])
+        for row in relative["rows"]:
+            if row["length"] == longest and row["impl"].endswith("(posemb)"):
+                add(f"{row['impl']} peak memory / SDPA, L={longest}", row["x_sdpa_memory"], "<=", 2.0, "forward, no grad")
+    bias = sections.get("bias")
+    if bias:
+        for row in bias["rows"]:
+            if row["mode"] == "forward" and row["impl"].endswith("(posemb auto)"):
+                add(f"{row['impl']} time / causal SDPA, L={row['length']}", row["x_sdpa_causal"], "<=", 1.3, "forward")
+    train = sections.get("train")
+    if train:
+        for row in train["rows"]:
+            if row["impl"].startswith("posemb") and row["x_xtransformers_tokens_per_s"] is not None:
+                add(f"{row['impl']} tokens/s / x-transformers", row["x_xtransformers_tokens_per_s"], ">=", 1.0,
+                    f"dim {row['dim']}, depth {row['depth']}, batch {row['batch']}x{row['length']}")
+    return targets
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"posemb bench  torch {results['torch']}  threads {results['threads']}  "
+             f"{'quick' if results['quick'] else 'full'}  repeats {results['repeats']}"]
+    sections = results["sections"]
+    if "rope" in sections:
+        lines.append("\nRoPE on q and k (median ms; x floor = / copy_ into buffers)")
+        lines.append(f"{'shape':<18}{'dtype':<10}{'implementation':<40}{'ms':>10}{'x floor':>9}{'x alloc':>9}")
+        for row in sections["rope"]["rows"]:
+            lines.append(f"{_shape_text(row['shape']):<18}{row['dtype']:<10}{row['impl']:<40}{row['median_ms']:>10.2f}"
+                         f"{row['x_floor']:>9.2f}{row['x_alloc_copy']:>9.2f}")
+    if "relative" in sections:
+        lines.append("\nRelative attention, content site, forward, no grad (B=1, H=8, d=64, causal, fp32)")
+        lines.append(f"{'L':<7}{'implementation':<32}{'ms':>10}{'x SDPA':>9}{'peak MiB':>10}{'x SDPA mem':>12}")
+        for row in sections["relative"]["rows"]:
+            peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
+            ratio = "n/a" if row["x_sdpa_memory"] is None else f"{row['x_sdpa_memory']:.2f}"
+            lines.append(f"{row['length']:<7}{row['impl']:<32}{row['median_ms']:>10.1f}{row['x_sdpa_time']:>9.2f}"
+                         f"{peak:>10}{ratio:>12}")
+    if "bias" in sections:
+        lines.append("\nBias site (B=1, H=8, d=64, causal, fp32)")
+        lines.append(f"{'mode':<18}{'L':<7}{'implementation':<34}{'ms':>10}{'x causal SDPA':>15}")
+        for row in sections["bias"]["rows"]:
+            lines.append(f"{row['mode']:<18}{row['length']:<7}{row['impl']:<34}{row['median_ms']:>10.1f}"
+                         f"{row['x_sdpa_causal']:>15.2f}")
+    if "train" in sections:
+        lines.append("\nTraining throughput (fp32, AdamW)")
+        lines.append(f"{'implementation':<34}{'params':>10}{'step ms':>10}{'tokens/s':>11}{'x x-transformers':>18}")
+        for row in sections["train"]["rows"]:
+            ratio = "" if row["x_xtransformers_tokens_per_s"] is None else f"{row['x_xtransformers_tokens_per_s']:.2f}"
+            lines.append(f"{row['impl']:<34}{row['parameters']:>10}{row['median_step_ms']:>10.1f}"
+                         f"{row['tokens_per_s']:>11.0f}{ratio:>18}")
+    for name, section in sections.items():
+        for note in section.get("notes", []):
+            lines.append(f"note ({name}): {note}")
+    if results["targets"]:
+        lines.append("\nTargets")
+        for target in results["targets"]:
+            met = {True: "met", False: "NOT met", None: "n/a (quick)" if results["quick"] else "n/a"}[target["met"]]
+            lines.append(f"  {target['name']:<62} {str(target['value']):>8}  target {target['target']:<7} {met}")
+    return "\n".join(lines)
+
+
+def run(sections: list[str], *, quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
+    """Run the chosen sections and return the results (what ``--output`` writes as JSON)."""
+    from posemb import __version__
+
+    repeats = repeats or (5 if quick else 7)
+    runners = {"rope": bench_rope, "relative": bench_relative, "bias": bench_bias, "train": bench_train}
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "posemb": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "quick": quick, "repeats": repeats, "sections": {},
+    }
+    for section in sections:
+        results["sections"][section] = runners[section](quick, repeats)
+    results["targets"] = _targets(results["sections"])
+    if quick:
+        # The issue's targets are stated for the full shapes; quick shapes are too small to judge them.
+        for target in results["targets"]:
+            target["met"] = None
+            target["detail"] += "; quick shapes: indicative only, rerun without --quick"
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def _sections_argument(text: str) -> list[str]:
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in chosen if part not in SECTIONS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"sections must be a comma-separated subset of {', '.join(SECTIONS)}, "
+                                         f"got {text!r}")
+    return chosen
+
+
+def _handle(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    previous_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        results = run(args.sections, quick=args.quick, repeats=args.repeats)
+    finally:  # a caller in the same process (tests, notebooks) keeps its own setting
+        torch.set_num_threads(previous_threads)
+    print(format_table(results))
+    directory = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(directory, exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(results, handle, indent=1)
+    print(f"\nwrote {args.output} ({results['seconds']} s)")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time posemb's fast paths against their baselines (table + JSON)",
+        description=__doc__.split("\n\n")[0] + " Prints a table and writes JSON with the ratios.")
+    parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (what CI runs)")
+    parser.add_argument("--sections", type=_sections_argument, default=list(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7; quick 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
+    parser.add_argument("--output", default="posemb-bench.json", help="where to write the JSON (default: %(default)s)")
+    parser.set_defaults(handler=_handle)
