@@ -262,7 +262,7 @@ def test_verdicts_are_computed_from_the_numbers():
     rows = summarize_lm(records, 16, [16, 32, 64])
     verdicts = family_verdicts(rows, 16)
     assert "alibi holds to 4x" in verdicts["relative"]
-    assert "t5 degrades at 2x (+0.40), breaks down by 4x (+1.50)" in verdicts["relative"]
+    assert "t5 degrades at 2x (+0.40), breaks down at 4x (+1.50)" in verdicts["relative"]
     assert "borne out by 1 of 2 (alibi)" in verdicts["relative"]
     assert "cannot run beyond N_max = 16" in verdicts["absolute"]
     assert "borne out by 1 of 1 (rope)" in verdicts["rotary"]
@@ -270,7 +270,7 @@ def test_verdicts_are_computed_from_the_numbers():
     flipped = summarize_lm(_synthetic_records({"alibi": [1.2, 2.5], "t5": [0.0, 0.01], "learned": [None, None],
                                                "rope": [0.1, 2.0]}, families), 16, [16, 32, 64])
     assert "t5 holds to 4x" in family_verdicts(flipped, 16)["relative"]
-    assert scheme_phrase(flipped, "alibi", 16) == "alibi breaks down at 2x (+1.20), breaks down by 4x (+2.50)"
+    assert scheme_phrase(flipped, "alibi", 16) == "alibi breaks down at 2x (+1.20) to 4x (+2.50)"
 
 
 def test_tiny_passkey_study(tmp_path):

@@ -50,6 +50,7 @@ class StudyLog:
         self.start = time.perf_counter()
         self.done_durations: list[float] = []
         self.current = 0
+        self.finished = False
 
     def begin_run(self, index: int) -> None:
         self.current = index
@@ -59,17 +60,20 @@ class StudyLog:
         if worked:
             self.done_durations.append(time.perf_counter() - self._run_start)
 
+    def finish(self) -> None:
+        self.finished = True
+
     def write(self, message: str) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
         left = ""
-        if self.done_durations:
+        if self.done_durations and 0 < self.current <= self.total_runs and not self.finished:
             remaining = self.total_runs - self.current + 1  # the current run is not finished
             mean = sum(self.done_durations) / len(self.done_durations)
             left = f" | ~{format_seconds(mean * remaining)} left"
-        tqdm.write(f"[run {self.current}/{self.total_runs} | {format_seconds(elapsed)} elapsed{left}] {message}",
-                   file=sys.stderr)
+        where = f"run {self.current}/{self.total_runs}" if 0 < self.current and not self.finished else "study"
+        tqdm.write(f"[{where} | {format_seconds(elapsed)} elapsed{left}] {message}", file=sys.stderr)
 
 
 def format_seconds(seconds: float) -> str:

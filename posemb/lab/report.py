@@ -183,11 +183,13 @@ def scheme_phrase(rows: list[dict], label: str, train_length: int) -> str:
         leading.append(t)
     if leading:
         parts.append(f"holds to {leading[-1][0]}x ({leading[-1][2]:+.2f})")
-    first_bad = numeric[len(leading)]
-    parts.append(f"{first_bad[1]} at {first_bad[0]}x ({first_bad[2]:+.2f})")
-    last = numeric[-1]
-    if last is not first_bad:
-        parts.append(f"{last[1]} by {last[0]}x ({last[2]:+.2f})")
+    previous = "holds"
+    for index, (factor, cls, rise) in enumerate(numeric[len(leading):], start=len(leading)):
+        if cls != previous:
+            parts.append(f"{cls} at {factor}x ({rise:+.2f})")
+            previous = cls
+        elif index == len(numeric) - 1:
+            parts[-1] += f" to {factor}x ({rise:+.2f})"
     return f"{label} " + ", ".join(parts)
 
 

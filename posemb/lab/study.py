@@ -50,8 +50,8 @@ EVAL_FACTORS = (1, 2, 4, 8, 16)
 #: was measured); ``full`` is a larger model trained longer, meant for a GPU.
 PROFILES: dict[str, dict] = {
     "quick": dict(model=ModelConfig(dim=128, depth=3, heads=4),
-                  train=TrainConfig(train_length=128, batch_size=32, steps=200, lr=2e-3, warmup_steps=20),
-                  eval_tokens=16_384, eval_batch_tokens=8_192, passkey_samples=32),
+                  train=TrainConfig(train_length=128, batch_size=32, steps=300, lr=2e-3, warmup_steps=30),
+                  eval_tokens=32_768, eval_batch_tokens=8_192, passkey_samples=32),
     "full": dict(model=ModelConfig(dim=512, depth=8, heads=8),
                  train=TrainConfig(train_length=512, batch_size=64, steps=5000, lr=6e-4, warmup_steps=200),
                  eval_tokens=1_048_576, eval_batch_tokens=32_768, passkey_samples=100),
@@ -265,6 +265,7 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
     meta = _meta(config, environment, data_description, eval_tokens, wall_start, trained_now, reused, command)
     rows = write_report(out, config.task, records, meta, plots=True) if info.is_main else []
     barrier()
+    log.finish()
     if info.is_main and config.progress:
         log.write(f"done in {format_seconds(time.perf_counter() - wall_start)}: {out / 'report.md'}")
     return {"out": str(out), "rows": rows, "records": records, "wall_seconds": time.perf_counter() - wall_start,
