@@ -42,7 +42,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, scheme: str) ->
         result = train_model(model, RandomWindows(data, TRAIN.train_length, TRAIN.batch_size, seed=0), TRAIN,
                              checkpoint_path=checkpoint, progress=False)
         chunks = evaluation_chunks(data, 384, 16)
-        evaluation = lm_loss_at_length(model, chunks, 16, batch_tokens=32)
+        evaluation, _ = lm_loss_at_length(model, chunks, 16, batch_tokens=32)
         torch.save({"state": model.state_dict(), "digest": parameter_digest(model), "loss": evaluation["loss"],
                     "final_loss": result.final_loss}, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
@@ -67,7 +67,7 @@ def test_two_gloo_replicas_stay_identical_and_match_one_process(tmp_path, scheme
     train_model(model, RandomWindows(data, TRAIN.train_length, TRAIN.batch_size, seed=0), TRAIN, progress=False)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(rank0["state"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-    single = lm_loss_at_length(model, evaluation_chunks(data, 384, 16), 16, batch_tokens=32)["loss"]
+    single = lm_loss_at_length(model, evaluation_chunks(data, 384, 16), 16, batch_tokens=32)[0]["loss"]
     assert rank0["loss"] == pytest.approx(single, rel=1e-4)
     # Rank 0 wrote the checkpoint, at the final step.
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == TRAIN.steps

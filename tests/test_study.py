@@ -84,6 +84,18 @@ def test_tiny_study_from_the_command_line_writes_every_file(tmp_path, small_corp
             assert float(row["rise"]) == 0.0
 
     results = json.loads((out / "results.json").read_text())
+    # The paired rise by position is zero before the training length: the same bytes, the same context.
+    by_key = {(r["scheme"], r["eval_length"]): r for r in results["rows"]}
+    for scheme in TINY_SCHEMES:
+        if scheme == "learned":
+            continue
+        rise_buckets = by_key[(scheme, 64)]["rise_buckets"]
+        assert rise_buckets and rise_buckets[-1]["stop"] == 64
+        for bucket in rise_buckets:
+            if bucket["stop"] <= 16:
+                assert bucket["loss"] == pytest.approx(0.0, abs=1e-4), (scheme, bucket)
+        mean_rise = sum(b["loss"] * (b["stop"] - b["start"]) for b in rise_buckets) / 64
+        assert mean_rise == pytest.approx(by_key[(scheme, 64)]["rise"], abs=1e-9)
     assert results["environment"]["torch"] == torch.__version__
     assert results["config"]["seeds"] == [0, 1] and len(results["runs"]) == 2 * len(TINY_SCHEMES)
     report = (out / "report.md").read_text()

@@ -127,20 +127,29 @@ def bucket_losses(position_loss_sum: Tensor, position_count: Tensor) -> list[dic
 
 
 @torch.inference_mode()
-def lm_loss_at_length(model: TransformerLM, chunks: Tensor, length: int, *, device: str = "cpu",
-                      batch_tokens: int = 8192, progress: bool = False, desc: str = "eval") -> dict:
+def lm_loss_at_length(model: TransformerLM, chunks: Tensor, length: int, *, reference: Tensor | None = None,
+                      device: str = "cpu", batch_tokens: int = 8192, progress: bool = False,
+                      desc: str = "eval") -> tuple[dict, Tensor | None]:
     """Mean next-byte loss (nats/token) of ``model`` on evaluation ``chunks`` (see
     :func:`posemb.lab.data.evaluation_chunks`) cut into windows of ``length``.
 
-    Returns ``{"eval_length", "loss", "ppl", "tokens", "seconds", "buckets", "note"}``; a scheme
-    that cannot address the positions (the learned table beyond N_max) gives ``loss = None`` and
-    ``note = "n/a (beyond N_max)"``: never a clamped number.
+    Returns ``(result, token_losses)``. ``result`` is ``{"eval_length", "loss", "ppl", "tokens",
+    "seconds", "buckets", "rise_buckets", "note"}``; ``token_losses`` is every target byte's loss in
+    chunk layout, shape ``chunks.shape[0] x (chunks.shape[1] - 1)``.
+
+    ``buckets`` is the mean loss per position bucket of the window. Given ``reference`` (the token
+    losses of the same model at the training length), ``rise_buckets`` is the mean, per position
+    bucket, of each byte's loss minus its loss at the training length: the same bytes, so the text's
+    own difficulty cancels and what remains is the effect of the longer window alone (exactly 0
+    before the training length, where both windows hold the same context).
+
+    A scheme that cannot address the positions (the learned table beyond N_max) gives
+    ``loss = None``, ``note = "n/a (beyond N_max)"`` and no token losses: never a clamped number.
     """
     inputs, targets = windows(chunks, length)
     rows_per_batch = max(1, batch_tokens // length)
     mine = list(_shard(inputs.shape[0]))
-    loss_sum = torch.zeros(length, dtype=torch.float64)
-    count = torch.zeros(length, dtype=torch.float64)
+    token_losses = torch.zeros(inputs.shape, dtype=torch.float64)
     use_amp = device.startswith("cuda")
     start = time.perf_counter()
     note = ""
@@ -155,20 +164,27 @@ def lm_loss_at_length(model: TransformerLM, chunks: Tensor, length: int, *, devi
                 note = BEYOND_N_MAX
                 break
             per_token = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")
-            loss_sum += per_token.sum(0).double().cpu()
-            count += x.shape[0]
+            token_losses[index] = per_token.double().cpu()
             bar.update(x.numel())
     flag = torch.tensor([1.0 if note else 0.0], dtype=torch.float64)
     _all_reduce_sum(flag)
     if float(flag) > 0:
-        return {"eval_length": length, "loss": None, "ppl": None, "tokens": 0,
-                "seconds": time.perf_counter() - start, "buckets": [], "note": BEYOND_N_MAX}
-    _all_reduce_sum(loss_sum)
-    _all_reduce_sum(count)
-    total = float(count.sum())
-    loss = float(loss_sum.sum()) / total
-    return {"eval_length": length, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(total),
-            "seconds": time.perf_counter() - start, "buckets": bucket_losses(loss_sum, count), "note": ""}
+        return ({"eval_length": length, "loss": None, "ppl": None, "tokens": 0, "seconds": time.perf_counter() - start,
+                 "buckets": [], "rise_buckets": [], "note": BEYOND_N_MAX}, None)
+    _all_reduce_sum(token_losses)  # each window was scored by exactly one rank; the others hold zeros
+    count = torch.full((length,), float(inputs.shape[0]), dtype=torch.float64)
+    loss = float(token_losses.mean())
+    result = {"eval_length": length, "loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": token_losses.numel(),
+              "seconds": time.perf_counter() - start, "buckets": bucket_losses(token_losses.sum(0), count),
+              "rise_buckets": [], "note": ""}
+    in_chunks = token_losses.reshape(chunks.shape[0], -1)
+    if reference is not None:
+        if reference.shape != in_chunks.shape:
+            raise ValueError(f"reference token losses must have shape {tuple(in_chunks.shape)}, "
+                             f"got {tuple(reference.shape)}")
+        difference = (in_chunks - reference).reshape(-1, length)
+        result["rise_buckets"] = bucket_losses(difference.sum(0), count)
+    return result, in_chunks
 
 
 # ---- passkey ------------------------------------------------------------------------------------

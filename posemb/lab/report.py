@@ -77,7 +77,7 @@ def summarize_lm(records: list[dict], train_length: int, eval_lengths: list[int]
                 "rise_spread": None, "tokens": None,
                 "position_params": train_stats[0].get("position_params"),
                 "train_tokens_per_s": None if variant else _mean([s["tokens_per_s"] for s in train_stats]),
-                "note": "", "buckets": None,
+                "note": "", "buckets": None, "rise_buckets": None,
             }
             if not entries:
                 row["note"] = "not evaluated"
@@ -97,6 +97,7 @@ def summarize_lm(records: list[dict], train_length: int, eval_lengths: list[int]
                 row.update(rise=_mean(rises), rise_spread=_spread(rises))
             row["note"] = entries[0].get("note", "")
             row["buckets"] = _mean_buckets([e.get("buckets") or [] for e in entries])
+            row["rise_buckets"] = _mean_buckets([e.get("rise_buckets") or [] for e in entries])
             rows.append(row)
     return rows
 
@@ -514,35 +515,45 @@ def plot_ppl_vs_length(rows: list[dict], train_length: int, path: Path) -> None:
 
 
 def plot_loss_by_position(rows: list[dict], train_length: int, path: Path) -> None:
-    """Loss per position bucket at each label's longest evaluated length; trained schemes on the
-    left, rope with inference-time scalings on the right."""
+    """Top: loss per position bucket at each label's longest evaluated length. Bottom: the paired
+    rise, each byte's loss minus its own loss at the training length, per position bucket (zero
+    up to the training length by construction; the text's difficulty cancels). Trained schemes on
+    the left, rope with inference-time scalings on the right."""
     plt = _pyplot()
     labels = _family_sorted_labels(rows)
     variants = [l for l in labels if l.startswith("rope")]
     panels = [("trained schemes", [l for l in labels if "+" not in l])]
     if any("+" in l for l in variants):
         panels.append(("rope: inference-time scaling, no fine-tuning", variants))
-    figure, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 4.6), squeeze=False)
-    for axis, (title, panel_labels) in zip(axes[0], panels):
+    longest = max(r["eval_length"] for r in rows)
+    figure, axes = plt.subplots(2, len(panels), figsize=(7.0 * len(panels), 8.4), squeeze=False, sharex=True)
+    for column, (title, panel_labels) in enumerate(panels):
         for label in panel_labels:
             found = [r for r in rows if r["scheme"] == label and r["buckets"]]
             if not found:
                 continue
             row = max(found, key=lambda r: r["eval_length"])
-            buckets = [b for b in row["buckets"] if b["loss"] is not None]
-            # Geometric centre of the bucket in 1-based positions, so that a log axis can show position 0.
-            xs = [math.sqrt((b["start"] + 1) * b["stop"]) for b in buckets]
-            suffix = "" if row["eval_length"] == max(r["eval_length"] for r in rows) else f" (@{row['eval_length']})"
-            axis.plot(xs, [b["loss"] for b in buckets], marker=".", markersize=3,
-                      linestyle="--" if "+" in label else "-", label=label + suffix)
-        axis.axvline(train_length + 0.5, color="grey", linestyle=":", linewidth=1)
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("position in the window, 1-based (geometric bucket centre)")
-        axis.set_ylabel("mean loss (nats/byte)")
-        axis.set_title(title)
-        axis.legend(fontsize=7)
-        axis.grid(True, alpha=0.3)
-    figure.suptitle("Loss by position at the longest evaluated length (dotted: training length)")
+            suffix = "" if row["eval_length"] == longest else f" (@{row['eval_length']}, N_max)"
+            style = "--" if "+" in label else "-"
+            for line, key in ((0, "buckets"), (1, "rise_buckets")):
+                buckets = [b for b in (row[key] or []) if b["loss"] is not None]
+                if not buckets:
+                    continue
+                # Geometric centre of the bucket in 1-based positions, so a log axis can show position 0.
+                xs = [math.sqrt((b["start"] + 1) * b["stop"]) for b in buckets]
+                axes[line][column].plot(xs, [b["loss"] for b in buckets], marker=".", markersize=3, linestyle=style,
+                                        label=label + suffix)
+        axes[0][column].set_title(title)
+        axes[0][column].set_ylabel("mean loss (nats/byte)")
+        axes[1][column].set_ylabel("loss minus the same byte's loss at L_train")
+        axes[1][column].axhline(0.0, color="black", linewidth=0.6)
+        axes[1][column].set_xlabel("position in the window, 1-based (geometric bucket centre)")
+        for axis in (axes[0][column], axes[1][column]):
+            axis.axvline(train_length + 0.5, color="grey", linestyle=":", linewidth=1)
+            axis.set_xscale("log", base=2)
+            axis.legend(fontsize=7)
+            axis.grid(True, alpha=0.3)
+    figure.suptitle(f"Loss by position at length {longest} (dotted: training length {train_length})")
     _save_figure(figure, path)
     plt.close(figure)
 

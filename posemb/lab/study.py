@@ -238,7 +238,7 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
                       "data": fingerprint, "format": 1}
     train_hash = _hash(train_identity)
     eval_hash = _hash({"lengths": list(config.eval_lengths), "eval_tokens": eval_tokens,
-                       "passkey_samples": config.passkey_samples, "format": 1})
+                       "passkey_samples": config.passkey_samples, "format": 2})
     runs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
     log = StudyLog(len(runs), enabled=config.progress and info.is_main)
     if info.is_main and config.progress:
@@ -334,7 +334,15 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
         trained_model.load_state_dict(state)
         trained_model.to(device).eval()
         log.write(f"{run_name}: evaluating {len(missing)} (label, length) pair(s)")
+        reference = None  # every byte's loss at the training length (lm task), for the paired rise by position
+        if config.task == "lm" and any(length > train_length for _, length in missing):
+            base, reference = lm_loss_at_length(trained_model, chunks, train_length, device=device,
+                                                batch_tokens=config.eval_batch_tokens, progress=config.progress,
+                                                desc=f"{scheme} @{train_length}")
+            entries.setdefault(scheme, {}).setdefault(str(train_length), base)
         for label, length in missing:
+            if label in entries and str(length) in entries[label]:
+                continue  # filled above (the training length of the trained scheme)
             if "+" in label and length == train_length:
                 # Every scaling is the identity at factor 1: the trained rope's own number.
                 base = entries.get(scheme, {}).get(str(length))
@@ -349,20 +357,24 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
                 if "+" in label:
                     model = rope_variant_model(state, label.split("+", 1)[1], length / train_length, config.model,
                                                train_length, device)
-                result = _evaluate(config, model, chunks, length, seed, device, f"{label} @{length}")
+                result = _evaluate(config, model, chunks, length, seed, device, f"{label} @{length}",
+                                   reference=reference if length > train_length else None)
             entries.setdefault(label, {})[str(length)] = result
             if info.is_main:
                 atomic_write_json(eval_path, entries)
+        if info.is_main:
+            atomic_write_json(eval_path, entries)
         barrier()
     record = {"scheme": scheme, "seed": seed, "family": family, "run_dir": str(run_dir), "train": stats,
               "eval": {label: entries[label] for label in labels}, "trained_now": trained_now}
     return record, worked
 
 
-def _evaluate(config: StudyConfig, model, chunks, length: int, seed: int, device: str, desc: str):
+def _evaluate(config: StudyConfig, model, chunks, length: int, seed: int, device: str, desc: str, *,
+              reference=None):
     if config.task == "lm":
-        return lm_loss_at_length(model, chunks, length, device=device, batch_tokens=config.eval_batch_tokens,
-                                 progress=config.progress, desc=desc)
+        return lm_loss_at_length(model, chunks, length, reference=reference, device=device,
+                                 batch_tokens=config.eval_batch_tokens, progress=config.progress, desc=desc)[0]
     return passkey_at_length(model, length, samples=config.passkey_samples, seed=seed, device=device,
                              batch_tokens=config.eval_batch_tokens)
 
