@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch that lies on this machine's disk; the package itself only asks torch>=2.6.
 TORCH_PIN ?= torch==2.13.0
+# Extra arguments, e.g. `make study STUDY_ARGS="--schemes rope,alibi"`, `make test PYTEST_ARGS=-x`.
+STUDY_ARGS ?=
+PYTEST_ARGS ?=
 
 .PHONY: setup study test demo bench clean
 
@@ -19,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 study: $(VENV)/.installed
-	$(BIN)/posemb study
+	$(BIN)/posemb study $(STUDY_ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
 	$(BIN)/posemb demo
