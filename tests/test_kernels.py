@@ -79,6 +79,19 @@ def test_cpu_rotary_chunking_covers_every_row(monkeypatch):
                                        reference_rotary(x, cos[:1], sin[:1], interleaved=interleaved), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_odd_offsets_and_strides_take_the_generic_path(dtype, interleaved):
+    """A view at an odd storage offset cannot be seen as complex numbers: the real-pair path runs."""
+    storage = torch.randn(1 + 2 * 3 * 7 * 10).to(dtype)
+    x = storage[1:].view(2, 3, 7, 10)[..., :8]  # odd offset, row stride 10, 8 channels used
+    cos, sin = _tables(2, 7, 3)
+    expected = reference_rotary(x, cos, sin, interleaved=interleaved)
+    torch.testing.assert_close(apply_rotary(x, cos, sin, interleaved=interleaved), expected, **TOLERANCE[dtype])
+    apply_rotary(x, cos, sin, interleaved=interleaved, inplace=True)
+    torch.testing.assert_close(x, expected, **TOLERANCE[dtype])
+
+
 def test_position_offsets_make_scores_depend_on_distance_only():
     """Keys over the whole context, queries at its last positions (KV-cache decoding): the rotated
     q.k equals the one computed with every position shifted by the same offset."""

@@ -19,7 +19,8 @@ Why it is written this way (numbers in ``shared/reference/cpu_performance.md`` a
 * ``rotate_half`` + ``cat`` materialises two temporaries the size of ``x``. Here every product
   is written with ``out=`` / ``mul_`` / ``addcmul_`` into slices of the destination.
 * The work is cut into chunks of about :data:`CHUNK_BYTES` so the few passes each chunk needs
-  run in cache and only one read and one write of ``x`` reach DRAM.
+  run in cache and only one read and one write of ``x`` reach DRAM (except the interleaved
+  float32/float64 case, which is a single pass anyway and runs as one op).
 * The interleaved layout is exactly a complex multiplication ``(x1 + i x2) * e^{i theta}``, which
   PyTorch does in one vectorised pass (``view_as_complex``).
 * bf16/fp16 inputs are upcast chunk by chunk into a float32 scratch buffer, so the math is float32
@@ -77,16 +78,7 @@ def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int,
     inplace = out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
     compute = torch.promote_types(x.dtype, cos.dtype)
     if x.dtype == compute:
-        if interleaved and phase is not None:
-            x_c, out_c = _complex_view(x, rotary), _complex_view(out, rotary)
-            if x_c is not None and out_c is not None:
-                if inplace:
-                    x_c.mul_(phase)
-                else:
-                    torch.mul(x_c, phase, out=out_c)
-                    if rotary < x.shape[-1]:
-                        out[..., rotary:].copy_(x[..., rotary:])
-                return
+        # Interleaved float32/float64 arrives here only when its strides forbid a complex view.
         x1, x2 = _pairs(x, rotary, interleaved)
         if inplace:
             # x1 is overwritten first, so x1*sin goes to a chunk-sized scratch (it stays in cache);
@@ -139,6 +131,18 @@ def rotate_cpu(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, *, interleaved:
     if interleaved:
         # e^{i sign theta}: one small (B|1, 1, L, r/2) table per call, cheap next to x.
         phase = torch.complex(cos4, sin4 if sign > 0 else -sin4)
+    if phase is not None and x.dtype == compute:
+        # Interleaved, full precision: one complex multiplication reads and writes x exactly once,
+        # so chunking would only add per-op overhead (measured: one op is fastest at every size).
+        x_c, out_c = _complex_view(x, rotary), _complex_view(out, rotary)
+        if x_c is not None and out_c is not None:
+            if out.data_ptr() == x.data_ptr() and out.stride() == x.stride():
+                x_c.mul_(phase)
+            else:
+                torch.mul(x_c, phase, out=out_c)
+                if rotary < dim:
+                    out[..., rotary:].copy_(x[..., rotary:])
+            return out
     # Chunk over whole batches when a batch is small, else over sequence positions inside a batch.
     row_bytes = heads * dim * x.element_size()
     rows_per_chunk = max(1, CHUNK_BYTES // row_bytes)
