@@ -72,7 +72,12 @@ def _triton_available() -> bool:
 
 
 def select_backend(x: Tensor) -> str:
-    """The back end :func:`apply_rotary` uses for ``x`` with ``backend="auto"``."""
+    """The back end :func:`apply_rotary` uses for ``x`` with ``backend="auto"``.
+
+    Under ``torch.compile`` tracing the reference formula is used: inductor fuses it into one
+    kernel, and the eager kernels' pointer checks would only break the graph."""
+    if torch.compiler.is_compiling():
+        return "reference"
     if x.device.type == "cpu":
         return "cpu"
     if x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available():
