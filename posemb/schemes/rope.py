@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from posemb._validation import check_choice, check_float, check_int, check_tensor
-from posemb.functional.rope import apply_rotary, rotary_angles_cos_sin
+from posemb.functional.rope import rotary_angles_cos_sin
+from posemb.kernels import apply_rotary_qk
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -331,8 +332,11 @@ class RoPE(PositionalScheme):
         _check_rotate_inputs(self, q, k, q_positions, k_positions)
         cos_q, sin_q, cos_k, sin_k = self._cos_sin_pair(q, q_positions, k_positions)
         interleaved = self.layout == "interleaved"
-        return (apply_rotary(q, cos_q, sin_q, interleaved=interleaved),
-                apply_rotary(k, cos_k, sin_k, interleaved=interleaved))
+        # The fused kernels (posemb.kernels) rotate q and k in one call, out of place, and fall back to
+        # the plain formula (posemb.functional.rope.apply_rotary, their oracle) under torch.compile.
+        if cos_k is cos_q:
+            return apply_rotary_qk(q, k, cos_q, sin_q, interleaved=interleaved)
+        return apply_rotary_qk(q, k, cos_q, sin_q, cos_k, sin_k, interleaved=interleaved)
 
     def extra_repr(self) -> str:
         text = (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, base={self.base:g}, "
