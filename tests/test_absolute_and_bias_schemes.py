@@ -48,11 +48,16 @@ def test_sinusoidal_table_matches_the_paper_formula_elementwise():
 
 
 def test_sinusoidal_scheme_adds_the_table_at_any_length():
-    scheme = posemb.build("sinusoidal", dim=8)
     x = torch.randn(2, 5, 8)
     pos = positions(2, 5, start=100_000)
-    expected = x.double() + sinusoidal_table(pos, 8, dtype=torch.float64)
-    torch.testing.assert_close(scheme.embed_input(x, pos).double(), expected, atol=1e-6, rtol=0)
+    table = sinusoidal_table(pos, 8, dtype=torch.float64)
+    bare = posemb.build("sinusoidal", dim=8, scale=1.0)
+    torch.testing.assert_close(bare.embed_input(x, pos).double(), x.double() + table, atol=1e-6, rtol=0)
+    default = posemb.build("sinusoidal", dim=8)  # scaled by 1/sqrt(dim), Vaswani's ratio
+    torch.testing.assert_close(default.embed_input(x, pos).double(), x.double() + table / 8 ** 0.5,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        posemb.build("sinusoidal", dim=8, scale=0.0)
 
 
 # ---- learned ---------------------------------------------------------------------------------

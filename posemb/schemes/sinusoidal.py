@@ -11,28 +11,36 @@ from posemb.schemes.base import PositionalScheme
 
 @register("sinusoidal")
 class Sinusoidal(PositionalScheme):
-    """``x_i + PE(i)`` with ``PE(pos, 2i) = sin(pos / base^(2i/d))``, ``PE(pos, 2i+1) = cos(...)``.
+    """``x_i + scale * PE(i)`` with ``PE(pos, 2i) = sin(pos / base^(2i/d))``, ``PE(pos, 2i+1) = cos(...)``.
 
     No parameters and no maximum length: any position works.
+
+    The table's entries have magnitude ~1 while token embeddings are initialised small (std 0.02
+    here, as in GPT-2). Vaswani et al. multiply the token embeddings by sqrt(d_model) (§3.4) so
+    that position does not drown the token; posemb keeps the token embedding untouched and scales
+    the table by ``1/sqrt(dim)`` instead, the same ratio. (Measured in the study: with the bare
+    table, the model learned worse than with no position at all.)
 
     Args:
         dim: model width (even).
         base: wavelength base (10000 in the paper).
+        scale: multiplier of the table; ``None`` means ``1/sqrt(dim)``; ``1.0`` gives the bare table.
     """
 
     site = "input"
     family = "absolute"
 
-    def __init__(self, dim: int, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, base: float = 10000.0, scale: float | None = None) -> None:
         super().__init__()
         self.dim = check_even("dim", dim)
         self.base = check_float("base", base, minimum=1.0, strict_minimum=True)
+        self.scale = dim ** -0.5 if scale is None else check_float("scale", scale, minimum=0.0, strict_minimum=True)
 
     def embed_input(self, x: Tensor, positions: Tensor) -> Tensor:
         check_tensor("positions", positions, ndim=2, integer=True)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
-        return x + sinusoidal_table(positions, self.dim, self.base, dtype=x.dtype)
+        return x + self.scale * sinusoidal_table(positions, self.dim, self.base, dtype=x.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}"
+        return f"dim={self.dim}, base={self.base}, scale={self.scale:.4g}"
