@@ -95,3 +95,34 @@ def test_training_entry_point_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "world_size=2" in done.stdout and "replicas_identical=True" in done.stdout
     assert torch.load(tmp_path / "alibi.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.slow
+def test_the_study_under_torchrun_matches_one_process(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(40)))
+    common = ["--data", str(corpus), "--schemes", "nope,alibi", "--steps", "3", "--train-length", "16",
+              "--eval-lengths", "16,32", "--eval-tokens", "256", "--batch-size", "4", "--dim", "32", "--depth", "1",
+              "--heads", "2", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "posemb.cli", "study", "--out", str(tmp_path / "ddp"), *common],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "posemb.cli", "study", "--out", str(tmp_path / "single"), *common],
+                            capture_output=True, text=True, timeout=180, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    import csv
+
+    def losses(name):
+        with open(tmp_path / name / "results.csv", newline="") as handle:
+            return {(r["scheme"], r["eval_length"]): float(r["loss"]) for r in csv.DictReader(handle)}
+
+    a, b = losses("ddp"), losses("single")
+    assert a.keys() == b.keys() and len(a) == 4
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert "DDP processes: 2" in (tmp_path / "ddp" / "report.md").read_text()

@@ -245,27 +245,40 @@ def family_verdicts(rows: list[dict], train_length: int) -> dict[str, str]:
 
 
 def separation_check(rows: list[dict], train_length: int) -> str:
-    """Compare the gaps between schemes' rises at the longest length with the seed spread."""
-    longest = max((r["eval_length"] for r in rows), default=train_length)
-    finals = [(r["rise"], r["scheme"], r["rise_spread"]) for r in rows
-              if r["eval_length"] == longest and r["rise"] is not None]
-    if longest == train_length or len(finals) < 2:
-        return "Too few schemes with numbers beyond L_train to compare."
-    spreads = [s for _, _, s in finals if s is not None]
-    finals.sort()
-    gaps = [(b[0] - a[0], a[1], b[1]) for a, b in zip(finals, finals[1:])]
-    median_gap = sorted(g for g, _, _ in gaps)[len(gaps) // 2]
-    text = (f"At {longest} ({longest // train_length}x) the rises span {finals[0][0]:+.3f} ({finals[0][1]}) to "
-            f"{finals[-1][0]:+.3f} ({finals[-1][1]}); the median gap between neighbours in that order is "
-            f"{median_gap:.3f} nats.")
-    if spreads:
-        largest = max(spreads)
-        separated = sum(1 for g, _, _ in gaps if g > largest)
-        text += (f" The largest seed-to-seed spread is {largest:.3f}; {separated} of {len(gaps)} neighbouring "
-                 "gaps exceed it.")
-    else:
-        text += " Only one seed was run: rerun with `--seeds 0,1` to measure the spread (docs/study.md)."
-    return text
+    """Compare the differences between schemes' rises with their seed-to-seed spreads.
+
+    Two labels count as *separated* at a length when their seed ranges of the rise do not overlap,
+    i.e. ``|mean_a - mean_b| > (spread_a + spread_b) / 2``; only labels run with several seeds take part.
+    """
+    longer = sorted({r["eval_length"] for r in rows if r["eval_length"] > train_length})
+    if not longer:
+        return "Evaluated at the training length only: nothing to compare."
+    lines = []
+    longest = longer[-1]
+    finals = sorted((r["rise"], r["scheme"]) for r in rows if r["eval_length"] == longest and r["rise"] is not None)
+    if len(finals) >= 2:
+        lines.append(f"At {longest} ({longest // train_length}x) the rises span {finals[0][0]:+.3f} ({finals[0][1]}) "
+                     f"to {finals[-1][0]:+.3f} ({finals[-1][1]}).")
+    seeded = [r for r in rows if r["rise_spread"] is not None and r["eval_length"] > train_length]
+    if not seeded:
+        lines.append("Only one seed was run, so no spread is measured here: rerun with `--seeds 0,1` "
+                     "(docs/study.md gives the spread measured for the default configuration).")
+        return " ".join(lines)
+    lines.append("")
+    lines.append("| length | labels with several seeds | largest spread of the rise | median spread | "
+                 "pairs separated (seed ranges do not overlap) |")
+    lines.append("|---|---|---|---|---|")
+    for length in longer:
+        here = [r for r in seeded if r["eval_length"] == length]
+        if len(here) < 2:
+            continue
+        spreads = sorted(r["rise_spread"] for r in here)
+        pairs = [(a, b) for i, a in enumerate(here) for b in here[i + 1:]]
+        apart = sum(1 for a, b in pairs if abs(a["rise"] - b["rise"]) > (a["rise_spread"] + b["rise_spread"]) / 2)
+        lines.append(f"| {length} ({length // train_length}x) | {len(here)} | {spreads[-1]:.3f} "
+                     f"({max(here, key=lambda r: r['rise_spread'])['scheme']}) | {spreads[len(spreads) // 2]:.3f} | "
+                     f"{apart} of {len(pairs)} |")
+    return "\n".join(lines)
 
 
 # ---- formatting ---------------------------------------------------------------------------------
@@ -336,7 +349,9 @@ def lm_markdown(rows: list[dict], meta: dict) -> str:
         else "One seed: see the noise section below for how far to trust small differences."
     w("## The seed's comparison table, rebuilt with measurements\n\n")
     w("Loss is mean nats per byte on validation text (perplexity in brackets); `rope+X` is the rope-trained "
-      "model evaluated with inference-time scaling X, without fine-tuning. " + legend + "\n\n")
+      "model evaluated with inference-time scaling X, without fine-tuning. Added params are the parameters "
+      "the scheme adds to the model. Train tok/s is the wall-clock training throughput of the run as it "
+      "happened, so it moves with whatever else the machine was doing (load average below). " + legend + "\n\n")
     head = ["family", "scheme", "added params", "train tok/s"] + [f"loss @{l}" + (" (L_train)" if l == train_length else "")
                                                                    for l in lengths]
     w("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")

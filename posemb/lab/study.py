@@ -443,10 +443,14 @@ def config_command(config: StudyConfig) -> str:
 
 def _handle(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = run_study(config, command=config_command(config))
-    if dist_info().is_main:
-        print(f"report: {Path(result['out']) / 'report.md'} (wall time {format_seconds(result['wall_seconds'])}; "
-              f"trained {result['trained_now']}, reused {result['reused']})")
+    try:
+        result = run_study(config, command=config_command(config))
+        if dist_info().is_main:
+            print(f"report: {Path(result['out']) / 'report.md'} (wall time {format_seconds(result['wall_seconds'])}; "
+                  f"trained {result['trained_now']}, reused {result['reused']})")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
