@@ -498,9 +498,19 @@ def _pyplot():
     return plt
 
 
+def _colors(labels: list[str]) -> dict[str, tuple]:
+    """One fixed colour per label (20 distinct ones), the same in every panel of every plot."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    ordered = [l for l in labels if "+" not in l] + [l for l in labels if "+" in l]
+    return {label: palette[(2 * i) % 20 + (2 * i) // 20 % 2] for i, label in enumerate(ordered)}
+
+
 def plot_ppl_vs_length(rows: list[dict], train_length: int, path: Path) -> None:
     plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    figure, axis = plt.subplots(figsize=(9.0, 5.0))
+    colors = _colors(_family_sorted_labels(rows))
     for label in _family_sorted_labels(rows):
         points = [(r["eval_length"], r["ppl"], r) for r in rows if r["scheme"] == label and r["ppl"] is not None]
         if not points:
@@ -511,19 +521,20 @@ def plot_ppl_vs_length(rows: list[dict], train_length: int, path: Path) -> None:
         high = [math.exp(r["loss"] + (r["loss_spread"] or 0) / 2) - y for _, y, r in points]
         style = "--" if "+" in label else "-"
         beyond = any(r["scheme"] == label and r["note"] == BEYOND_N_MAX for r in rows)
-        axis.errorbar(xs, ys, yerr=[low, high], fmt=style, marker="o", markersize=3, capsize=2,
+        axis.errorbar(xs, ys, yerr=[low, high], fmt=style, marker="o", markersize=3, capsize=2, color=colors[label],
                       label=label + (" (n/a beyond N_max)" if beyond else ""))
     axis.axvline(train_length, color="grey", linestyle=":", linewidth=1)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    axis.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
     axis.yaxis.set_major_formatter(ScalarFormatter())
     axis.yaxis.set_minor_formatter(NullFormatter())
     axis.set_xlabel("evaluation length (bytes)")
     axis.set_ylabel("perplexity (per byte)")
     axis.set_title(f"Perplexity by length (trained at {train_length}, dotted line)")
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axis.grid(True, which="both", alpha=0.3)
     _save_figure(figure, path)
     plt.close(figure)
@@ -541,6 +552,7 @@ def plot_loss_by_position(rows: list[dict], train_length: int, path: Path) -> No
     if any("+" in l for l in variants):
         panels.append(("rope: inference-time scaling, no fine-tuning", variants))
     longest = max(r["eval_length"] for r in rows)
+    colors = _colors(labels)
     figure, axes = plt.subplots(2, len(panels), figsize=(7.0 * len(panels), 8.4), squeeze=False, sharex=True)
     for column, (title, panel_labels) in enumerate(panels):
         for label in panel_labels:
@@ -557,7 +569,7 @@ def plot_loss_by_position(rows: list[dict], train_length: int, path: Path) -> No
                 # Geometric centre of the bucket in 1-based positions, so a log axis can show position 0.
                 xs = [math.sqrt((b["start"] + 1) * b["stop"]) for b in buckets]
                 axes[line][column].plot(xs, [b["loss"] for b in buckets], marker=".", markersize=3, linestyle=style,
-                                        label=label + suffix)
+                                        color=colors[label], label=label + suffix)
         axes[0][column].set_title(title)
         axes[0][column].set_ylabel("mean loss (nats/byte)")
         axes[1][column].set_ylabel("loss minus the same byte's loss at L_train")
@@ -576,6 +588,7 @@ def plot_loss_by_position(rows: list[dict], train_length: int, path: Path) -> No
 def plot_passkey(rows: list[dict], train_length: int, path: Path) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7.5, 4.6))
+    colors = _colors(_family_sorted_labels(rows))
     for label in _family_sorted_labels(rows):
         lengths = sorted({r["eval_length"] for r in rows if r["scheme"] == label})
         xs, ys = [], []
@@ -585,7 +598,7 @@ def plot_passkey(rows: list[dict], train_length: int, path: Path) -> None:
                 xs.append(l)
                 ys.append(_mean(found))
         if xs:
-            axis.plot(xs, ys, marker="o", linestyle="--" if "+" in label else "-", label=label)
+            axis.plot(xs, ys, marker="o", linestyle="--" if "+" in label else "-", color=colors[label], label=label)
     axis.axvline(train_length, color="grey", linestyle=":", linewidth=1)
     axis.set_xscale("log", base=2)
     axis.set_ylim(-0.05, 1.05)
