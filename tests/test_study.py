@@ -174,8 +174,12 @@ def test_seeds_change_the_run_and_repeat_exactly(tmp_path, small_corpus):
     (["--seed", "1", "--seeds", "0,1"], "either --seed S or --seeds"),
     (["--eval-lengths", "16,x"], "--eval-lengths must be a comma-separated list of integers"),
     (["--task", "passkey"], "--data applies to --task lm"),
-    (["--eval-lengths", "16,100000"], "needs at least 100001"),
-])
+    (["--eval-lengths", "16,64,96"], "eval lengths must each divide the longest one (96)"),
+    (["--eval-lengths", "16,65536"], "needs at least 65537"),
+    (["--lr", "0"], "lr must be > 0.0"),
+    (["--heads", "3"], "dim (32) must be divisible by heads (3)"),
+    (["--rope-variants", "linear,bogus"], "rope variant must be one of"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_bad_input_is_one_clear_error_before_any_training(tmp_path, small_corpus, capsys, extra, message):
     out = tmp_path / "report"
     args = ["study", "--out", str(out), "--data", str(small_corpus), "--schemes", "nope", *TINY_ARGS]
@@ -283,6 +287,24 @@ def test_verdicts_are_computed_from_the_numbers():
                                                "rope": [0.1, 2.0]}, families), 16, [16, 32, 64])
     assert "t5 holds to 4x" in family_verdicts(flipped, 16)["relative"]
     assert scheme_phrase(flipped, "alibi", 16) == "alibi breaks down at 2x (+1.20) to 4x (+2.50)"
+
+
+def test_profiles_and_defaults():
+    quick = make_config()
+    assert set(quick.schemes) == set(posemb.available())
+    assert quick.eval_lengths == (128, 256, 512, 1024, 2048)
+    assert (quick.model.dim, quick.model.depth, quick.model.heads) == (128, 3, 4)
+    assert (quick.train.batch_size, quick.train.steps) == (32, 300)
+    full = make_config("full", schemes=("rope",)).validate()
+    assert full.model.dim > quick.model.dim and full.train.steps > quick.train.steps
+    assert full.eval_lengths == tuple(full.train.train_length * f for f in (1, 2, 4, 8, 16))
+    # An override wins, and the training length is always among the evaluation lengths.
+    custom = make_config(train_length=64, eval_lengths=(256, 128), steps=10)
+    assert custom.eval_lengths == (64, 128, 256) and custom.train.warmup_steps == 1
+    with pytest.raises(TypeError, match="unknown study option"):
+        make_config(stpes=3)
+    with pytest.raises(ValueError, match="profile must be one of"):
+        make_config("huge")
 
 
 def test_tiny_passkey_study(tmp_path):

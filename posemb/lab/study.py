@@ -103,6 +103,12 @@ class StudyConfig:
             if length < self.train.train_length:
                 raise ValueError(f"eval lengths must be >= the training length {self.train.train_length}, "
                                  f"got {length}")
+        if self.eval_lengths:
+            longest = max(self.eval_lengths)
+            odd = [length for length in self.eval_lengths if longest % length]
+            if odd:
+                raise ValueError(f"eval lengths must each divide the longest one ({longest}), so that every length "
+                                 f"scores the same bytes; got {odd}")
         check_int("eval_tokens", self.eval_tokens, minimum=1)
         check_int("eval_batch_tokens", self.eval_batch_tokens, minimum=1)
         check_int("passkey_samples", self.passkey_samples, minimum=1)
