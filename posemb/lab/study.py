@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from posemb._validation import check_choice, check_int
+from posemb._validation import check_choice, check_float, check_int
 from posemb.lab import passkey
 from posemb.lab.checkpoint import atomic_write_json, load_checkpoint, read_json
 from posemb.lab.data import RandomWindows, evaluation_chunks, load_corpus
@@ -293,6 +293,10 @@ def _run_one(config: StudyConfig, scheme: str, seed: int, run_name: str, run_dir
     train_json, checkpoint = run_dir / "train.json", run_dir / "checkpoint.pt"
     family = scheme_class(scheme).family
     worked = False
+    if info.is_main and run_dir.exists():
+        # Temporary files of writes cut short by a kill (-9): the complete files they were to replace are intact.
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     barrier()
     if train_json.exists() and checkpoint.exists():
         stats = read_json(train_json)
@@ -423,6 +427,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
         overrides["eval_lengths"] = _int_list(args.eval_lengths, "--eval-lengths")
     if args.rope_variants is not None:
         overrides["rope_variants"] = () if args.rope_variants.strip() in ("", "none") else _name_list(args.rope_variants)
+    if args.checkpoint_every is not None:
+        overrides["checkpoint_every_s"] = check_float("--checkpoint-every", args.checkpoint_every, minimum=0.0)
     for name in ("steps", "train_length", "batch_size", "dim", "depth", "heads", "lr", "eval_tokens"):
         value = getattr(args, name)
         if value is not None:
@@ -490,6 +496,8 @@ def add_parser(subparsers) -> None:
                         help=f"inference-time RoPE scalings to evaluate (default {','.join(ROPE_VARIANTS)}; 'none')")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
+                        help="seconds between training checkpoints (default 30; one is always written at the end)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")
     parser.set_defaults(handler=_handle)
 
