@@ -14,10 +14,20 @@ papers is to score the query against the *R distinct* distance embeddings once, 
   and its transpose, a ``scatter_add`` (:func:`scatter_relative`), aggregates attention
   probabilities per distance for Shaw's value term. Both cost O(Lq * Lk) per head, like the score
   matrix itself, never O(Lq * Lk * head_dim).
+* When the positions are consecutive (each row ``p0 + arange``, one query-minus-key offset for the
+  whole batch) the distances of a block form a Toeplitz matrix, and :func:`toeplitz_scores` reads
+  the per-distance scores as a strided view, with no index tensor and no copy.
 
-All functions are pure (no state); positions are integer tensors (batch, L).
+For the attention's blocked loop (``posemb.model.attention``), :func:`distance_bounds` gives the
+range of distances one block sees (so a scheme can tell that a whole block shares one clipped
+distance and add a broadcast column instead of gathering), and :class:`DistanceTable` keeps the
+embedded distances of one range for the next block that needs the same range.
+
+The functions are pure (no state); positions are integer tensors (batch, L).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -40,6 +50,141 @@ def query_minus_key(q_positions: Tensor, k_positions: Tensor) -> Tensor:
     return q_positions[:, :, None] - k_positions[:, None, :]
 
 
+def distance_bounds(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
+    """``(min, max)`` of ``i - j`` (query position minus key position) over every (batch, query, key)
+    pair, without building the (batch, Lq, Lk) tensor: per sequence, ``min_i p_i - max_j p_j`` and
+    ``max_i p_i - min_j p_j``. One host synchronisation."""
+    check_tensor("q_positions", q_positions, ndim=2, integer=True)
+    check_tensor("k_positions", k_positions, ndim=2, integer=True)
+    if q_positions.numel() == 0 or k_positions.numel() == 0:
+        raise ValueError(f"positions must be non-empty, got shapes {tuple(q_positions.shape)} and "
+                         f"{tuple(k_positions.shape)}")
+    q_low, q_high = torch.aminmax(q_positions, dim=1)
+    k_low, k_high = torch.aminmax(k_positions, dim=1)
+    low, high = torch.stack([(q_low - k_high).min(), (q_high - k_low).max()]).tolist()
+    return low, high
+
+
+def consecutive_offset(q_positions: Tensor, k_positions: Tensor) -> int | None:
+    """``q_positions[b, 0] - k_positions[b, 0]`` when every row of both tensors counts up by one and
+    that offset is the same for every sequence; None otherwise.
+
+    Then ``i - j`` (query minus key position) is ``offset + i - j`` in index terms for the whole
+    batch: a Toeplitz matrix, the case :func:`toeplitz_scores` handles with a view. Checked once per
+    attention call (O(batch * L), one host synchronisation); every contiguous slice inherits it.
+    """
+    check_tensor("q_positions", q_positions, ndim=2, integer=True)
+    check_tensor("k_positions", k_positions, ndim=2, integer=True)
+    if q_positions.shape[0] != k_positions.shape[0] or q_positions.numel() == 0 or k_positions.numel() == 0:
+        return None
+    offsets = q_positions[:, 0] - k_positions[:, 0]
+    ok = (offsets == offsets[0]).all()
+    for positions in (q_positions, k_positions):
+        if positions.shape[1] > 1:
+            ok = ok & (positions.diff(dim=1) == 1).all()
+    return int(offsets[0]) if bool(ok) else None
+
+
+def toeplitz_scores(per_distance: Tensor, k_len: int) -> Tensor:
+    """The (..., Lq, Lk) scores of a Toeplitz block as a strided view of its per-distance scores.
+
+    ``per_distance[..., i, m]`` is query i scored against the embedding of distance ``high - m``
+    (m = 0 .. Lq + Lk - 2; distances in descending order), where the block's query-minus-key
+    distances are ``offset + i - j`` and ``high = offset + Lq - 1`` (see :func:`consecutive_offset`).
+    Then ``out[..., i, j] = per_distance[..., i, Lq - 1 - i + j]``: stepping one row down moves
+    ``Lq + Lk - 2`` elements, one column right moves 1, so the gather of :func:`gather_relative` is
+    a zero-copy ``as_strided`` view (the skew of Music Transformer, §3.4.1, without its pad and copy).
+    Its backward is autograd's ``as_strided`` backward (an index_add, measured faster than a gather's).
+    """
+    check_tensor("per_distance", per_distance)
+    check_int("k_len", k_len, minimum=1)
+    if per_distance.dim() < 2:
+        raise ValueError(f"per_distance must have at least 2 dimensions (Lq, Lq + Lk - 1), "
+                         f"got shape {tuple(per_distance.shape)}")
+    *lead, q_len, width = per_distance.shape
+    if width != q_len + k_len - 1:
+        raise ValueError(f"per_distance's last dimension must be Lq + Lk - 1 = {q_len + k_len - 1} "
+                         f"(Lq={q_len}, k_len={k_len}), got shape {tuple(per_distance.shape)}")
+    per_distance = per_distance.contiguous()
+    strides = list(per_distance.stride()[:-2]) + [width - 1, 1]
+    return per_distance.as_strided((*lead, q_len, k_len), strides,
+                                   per_distance.storage_offset() + q_len - 1)
+
+
+class DistanceTable:
+    """Embedded distances for one range, built on demand and kept for the next block that asks.
+
+    ``build(distances)`` embeds a 1-D integer tensor of distances into (..., len(distances), width).
+    :meth:`rows` returns the rows for distances ``high, high - 1, ..., low`` (descending, the order
+    :func:`toeplitz_scores` reads): a slice of the kept range when it covers the request, otherwise
+    a fresh build of exactly the request, which is kept instead. The attention visits tiles that share
+    a distance range one after another, so each range is embedded once per call, and the table never
+    grows beyond the range of one tile (Transformer-XL's ``W_R R`` for all 2L - 1 distances would be
+    as large as the attention's output).
+
+    Without autograd the build runs ``chunk`` distances at a time into a preallocated table, so the
+    build's own temporaries (a float64 sinusoid, say) stay small; with autograd it runs in one call.
+    """
+
+    def __init__(self, build: Callable[[Tensor], Tensor], device: torch.device, chunk: int = 64) -> None:
+        self._build, self._device = build, device
+        self._chunk = check_int("chunk", chunk, minimum=1)
+        self._low, self._high, self._table = 0, -1, None
+        self.builds = 0  # how many ranges were embedded (tests and benchmarks read it)
+
+    def rows(self, low: int, high: int) -> Tensor:
+        if high < low:
+            raise ValueError(f"high must be >= low, got low={low}, high={high}")
+        if self._table is None or low < self._low or high > self._high:
+            self._table = None  # free the old range before building the new one
+            self._table, self._low, self._high = self._embed(low, high), low, high
+            self.builds += 1
+        first = self._high - high
+        return self._table[..., first:first + high - low + 1, :]
+
+    def _embed(self, low: int, high: int) -> Tensor:
+        distances = torch.arange(high, low - 1, -1, device=self._device)
+        head = self._build(distances[:self._chunk])
+        if len(distances) <= self._chunk or (torch.is_grad_enabled() and head.requires_grad):
+            return head if len(distances) <= self._chunk else torch.cat(
+                [head, self._build(distances[self._chunk:])], dim=-2)
+        table = head.new_empty(*head.shape[:-2], len(distances), head.shape[-1])
+        table[..., :self._chunk, :] = head
+        del head
+        for start in range(self._chunk, len(distances), self._chunk):
+            table[..., start:start + self._chunk, :] = self._build(distances[start:start + self._chunk])
+        return table
+
+
+def shared_row_pieces(q_positions: Tensor, k_positions: Tensor, row_range: Callable[[int, int], tuple[int, int]],
+                      smallest: int) -> list[tuple[int, int, int, int]]:
+    """Cut a block's keys into contiguous pieces that either all read one row of a distance table or
+    are at most ``smallest`` keys wide.
+
+    ``row_range(low, high)`` gives the table rows ``(first, last)`` of the smallest and largest
+    query-minus-key distance; the scheme's row must be monotone in the distance, so ``first == last``
+    means every pair of the piece reads that row (the piece needs a broadcast, not a gather), and
+    otherwise the piece reads only rows ``first .. last``. A piece that is neither is halved, so a
+    block costs O(log(Lk / smallest)) bound checks (one host synchronisation each) per band.
+    Returns ``(start, stop, first, last)`` tuples covering ``[0, Lk)`` in order; neighbours that
+    share one row are merged.
+    """
+    check_int("smallest", smallest, minimum=1)
+    pieces: list[tuple[int, int, int, int]] = []
+    pending = [(0, k_positions.shape[1])]
+    while pending:
+        start, stop = pending.pop()
+        first, last = row_range(*distance_bounds(q_positions, k_positions[:, start:stop]))
+        if first != last and stop - start > smallest:
+            middle = (start + stop) // 2
+            pending += [(middle, stop), (start, middle)]  # left half first (a stack)
+        elif pieces and first == last and pieces[-1][2] == pieces[-1][3] == first:
+            pieces[-1] = (pieces[-1][0], stop, first, last)
+        else:
+            pieces.append((start, stop, first, last))
+    return pieces
+
+
 def clip_distance(distance: Tensor, max_distance: int) -> Tensor:
     """Shaw et al. 2018 (arXiv 1803.02155, §3.2): ``clip(x, k) = max(-k, min(k, x))``."""
     check_int("max_distance", max_distance, minimum=0)
@@ -48,7 +193,7 @@ def clip_distance(distance: Tensor, max_distance: int) -> Tensor:
 
 def clipped_index(distance: Tensor, max_distance: int) -> Tensor:
     """Row of a (2k+1)-row table for each distance: ``clip(distance, k) + k`` in ``[0, 2k]``."""
-    return clip_distance(distance, max_distance) + max_distance
+    return clip_distance(distance, max_distance).add_(max_distance)  # clamp made a new tensor
 
 
 def distinct_distances(distance: Tensor) -> tuple[Tensor, Tensor]:

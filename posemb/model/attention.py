@@ -7,6 +7,8 @@ O(block * Lk) per head rather than O(Lq * Lk * head_dim).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,8 +17,18 @@ from posemb._validation import check_int, check_tensor
 from posemb.model.cache import LayerCache
 from posemb.schemes.base import PositionalScheme
 
-# Elements of one score block in the content path (block * Lk * batch * heads); ~64 MiB in fp32.
+# Content site (Shaw, Transformer-XL, DeBERTa); see _content_attention and docs/performance.md.
+# With autograd: elements of one score block (batch * heads * rows * keys), ~64 MiB in fp32. Autograd
+# keeps every block's probabilities anyway, so large blocks (few Python iterations) cost nothing extra.
 _CONTENT_BLOCK_ELEMENTS = 1 << 24
+# Without autograd: a score tile holds about 1/_CONTENT_TILE_FRACTION of the output's elements (the
+# footprint of plain SDPA, which allocates little besides its output), clamped to [MIN, MAX], so the
+# peak stays near the output plus a few tiles; _CONTENT_TILE_ASPECT keys per query row keep each
+# tile's per-distance table (Lq + Lk - 1 distances) close to the tile's own size.
+_CONTENT_TILE_FRACTION = 8
+_CONTENT_TILE_MIN_ELEMENTS = 1 << 16
+_CONTENT_TILE_MAX_ELEMENTS = 1 << 21
+_CONTENT_TILE_ASPECT = 8
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -68,29 +80,170 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_p
 
 def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
                        k_positions: Tensor, *, causal: bool) -> Tensor:
+    """Attention with content-site terms (Shaw, Transformer-XL, DeBERTa), block by block.
+
+    The scheme's ``prepare_relative`` runs once; its result goes to every block's hooks as ``state``.
+    Without autograd, queries and keys are cut into tiles of ``_content_tile`` size, visited one key
+    diagonal at a time, and combined by an online softmax into the preallocated output: peak memory
+    is the output plus a few tiles (``docs/performance.md``). With autograd, whole rows of keys per
+    query block and a plain softmax, so autograd saves one probability block per block as before.
+    """
+    state = scheme.prepare_relative(q, k, q_positions, k_positions)
+    hook_options = {} if state is None else {"state": state}
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
+    if needs_grad or torch.compiler.is_compiling():
+        return _content_rows(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
+    return _content_tiles(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
+
+
+def _content_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions: Tensor, k_positions: Tensor,
+                    hook_options: dict, scale: float, causal: bool, rows: tuple[int, int], keys: tuple[int, int],
+                    offset: int, workspace: Tensor | None = None) -> Tensor:
+    """Scaled, masked float logits of query rows ``rows`` against keys ``keys`` (absolute index ranges).
+
+    Query row i may see key j when ``j <= i + offset`` (``offset = Lk - Lq``: queries are the last Lq keys).
+    ``workspace`` (no autograd): flat memory the scores are written to, reused from tile to tile.
+    """
+    (row_start, row_stop), (key_start, key_stop) = rows, keys
+    q_block, k_block = q[:, :, row_start:row_stop], k[:, :, key_start:key_stop]
+    if workspace is None:
+        scores = q_block @ k_block.transpose(-1, -2)
+    else:
+        shape = (*q.shape[:2], row_stop - row_start, key_stop - key_start)
+        scores = torch.matmul(q_block, k_block.transpose(-1, -2), out=workspace[:math.prod(shape)].view(shape))
+    extra = scheme.relative_logits(q_block, k_block, q_positions[:, row_start:row_stop],
+                                   k_positions[:, key_start:key_stop], **hook_options)
+    for term in () if extra is None else extra if isinstance(extra, (tuple, list)) else (extra,):
+        scores = scores.add_(term) if term.dtype == scores.dtype else scores + term
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
+    scores = scores.mul_(scale)
+    first_hidden = row_start + offset + 1  # the first key some row of the block must not see
+    if causal and first_hidden < key_stop:
+        cut = max(first_hidden, key_start)
+        hidden = (torch.arange(cut, key_stop, device=q.device)[None, :]
+                  > torch.arange(row_start, row_stop, device=q.device)[:, None] + offset)
+        scores[..., cut - key_start:].masked_fill_(hidden, float("-inf"))
+    return scores
+
+
+def _content_rows(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
+                  k_positions: Tensor, causal: bool, hook_options: dict) -> Tensor:
+    """Query blocks against all the keys they may see (autograd path): a plain softmax per block."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[-2]
-    scale = scheme.logit_scale(head_dim)
-    block = max(1, min(q_len, _CONTENT_BLOCK_ELEMENTS // max(1, batch * heads * k_len)))
-    outputs = []
-    for start in range(0, q_len, block):
-        stop = min(q_len, start + block)
-        q_block, qp_block = q[:, :, start:stop], q_positions[:, start:stop]
-        scores = q_block @ k.transpose(-1, -2)
-        extra = scheme.relative_logits(q_block, k, qp_block, k_positions)
-        if extra is not None:
-            scores = scores + extra
-        scores = scores.float() * scale
-        if causal:
-            allowed = causal_mask(q_len, k_len, q.device)[start:stop]
-            scores = scores.masked_fill(~allowed, float("-inf"))
+    offset, scale = k_len - q_len, scheme.logit_scale(head_dim)
+    budget = max(1, _CONTENT_BLOCK_ELEMENTS // (batch * heads))
+    outputs, start = [], 0
+    while start < q_len:
+        stop = start + _rows_within(budget, q_len - start, k_len, start + offset if causal else None)
+        key_stop = min(k_len, max(1, stop + offset)) if causal else k_len
+        scores = _content_logits(q, k, scheme, q_positions, k_positions, hook_options, scale, causal,
+                                 (start, stop), (0, key_stop), offset)
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        out = probs @ v
-        extra_values = scheme.relative_values(probs, qp_block, k_positions)
-        if extra_values is not None:
-            out = out + extra_values
-        outputs.append(out)
+        out = probs @ v[:, :, :key_stop]
+        extra_values = scheme.relative_values(probs, q_positions[:, start:stop], k_positions[:, :key_stop],
+                                              **hook_options)
+        outputs.append(out if extra_values is None else out + extra_values)
+        start = stop
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+
+
+def _rows_within(budget: int, rows_left: int, k_len: int, visible_before: int | None) -> int:
+    """How many query rows fit ``budget`` score elements (per batch and head), at least one. Causal
+    blocks (``visible_before`` = keys the first row sees, minus one) only need keys up to their last row."""
+    rows = budget // k_len
+    if visible_before is not None:  # rows * (visible_before + rows) <= budget
+        base = max(0, visible_before)
+        rows = max(rows, (math.isqrt(base * base + 4 * budget) - base) // 2)
+    return max(1, min(rows_left, rows))
+
+
+def _content_tile(batch_heads: int, q_len: int, k_len: int, out_elements: int) -> tuple[int, int]:
+    """Tile (query rows, keys) for the no-grad path: score tiles of about ``out_elements /
+    _CONTENT_TILE_FRACTION`` elements (clamped), ``_CONTENT_TILE_ASPECT`` keys per query row,
+    powers of two."""
+    elements = min(_CONTENT_TILE_MAX_ELEMENTS,
+                   max(_CONTENT_TILE_MIN_ELEMENTS, out_elements // _CONTENT_TILE_FRACTION))
+    per_head = max(1, elements // batch_heads)
+    rows = 1 << max(3, (math.isqrt(max(1, per_head // _CONTENT_TILE_ASPECT))).bit_length() - 1)
+    rows = min(rows, q_len)
+    keys = min(k_len, max(rows, 1 << max(0, (per_head // rows).bit_length() - 1)))
+    return rows, keys
+
+
+def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
+                   k_positions: Tensor, causal: bool, hook_options: dict) -> Tensor:
+    """No-grad path: (rows x keys) tiles, one online softmax per query row (Milakov & Gimelshein 2018,
+    "Online normalizer calculation for softmax"; the FlashAttention loop, in PyTorch ops).
+
+    Query block b covers rows [stop_b - rows, stop_b), counted from the end; its tile t covers keys
+    [edge_b - (t + 1) keys, edge_b - t keys) with ``edge_b = stop_b + offset`` (the first hidden key
+    of its last row, causal). t = 0 holds the diagonal and every row's last visible key, so it opens
+    each row's softmax; t < 0 (bidirectional) lie beyond it. Tiles are visited one t at a time:
+    with consecutive positions all tiles of one t share one range of distances, so a scheme's
+    per-distance table (Transformer-XL's ``W_R R``) is built once per t, not once per tile.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    k_len, value_dim = k.shape[-2], v.shape[-1]
+    offset, scale = k_len - q_len, scheme.logit_scale(head_dim)
+    out_dtype = v.dtype
+    rows, keys = _content_tile(batch * heads, q_len, k_len, batch * heads * q_len * value_dim)
+    # The output doubles as the un-normalised accumulator when it is float32/64.
+    exact = out_dtype in (torch.float32, torch.float64)
+    acc = q.new_empty(batch, heads, q_len, value_dim, dtype=out_dtype if exact else torch.float32)
+    row_max = q.new_empty(batch, heads, q_len, 1, dtype=acc.dtype)
+    row_sum = torch.empty_like(row_max)
+    # One block of memory for every tile's scores: tiles of varying size would otherwise leave holes
+    # in the heap that later tiles cannot reuse (the resident set would grow past the live set).
+    workspace = q.new_empty(batch * heads * rows * keys) if q.dtype in (torch.float32, torch.float64) else None
+    blocks = [(max(0, stop - rows), stop) for stop in range(q_len, 0, -rows)]
+    edges = [stop + offset for _, stop in blocks]
+    opened = [False] * len(blocks)  # whether a block's rows have seen a tile (their softmax has started)
+    # Tile t of block b exists when its keys overlap [0, k_len) (and, causal, start before the edge).
+    t_last = max((edge - 1) // keys for edge in edges) if max(edges) > 0 else -1
+    t_first = 0 if causal else -max(-((edge - k_len) // keys) for edge in edges)
+    for t in [*range(0, t_last + 1), *range(-1, t_first - 1, -1)]:
+        for number, ((row_start, row_stop), edge) in enumerate(zip(blocks, edges)):
+            key_start, key_stop = max(0, edge - (t + 1) * keys), min(k_len, edge - t * keys)
+            if key_start >= key_stop:
+                continue
+            scores = _content_logits(q, k, scheme, q_positions, k_positions, hook_options, scale, causal,
+                                     (row_start, row_stop), (key_start, key_stop), offset, workspace)
+            tile_max = scores.amax(dim=-1, keepdim=True)
+            block_max, block_sum = row_max[:, :, row_start:row_stop], row_sum[:, :, row_start:row_stop]
+            block_acc = acc[:, :, row_start:row_stop]
+            first = not opened[number]
+            opened[number] = True
+            if first:
+                block_max.copy_(tile_max)
+            else:
+                new_max = torch.maximum(block_max, tile_max)
+                rescale = block_max.sub_(new_max).exp_()
+                block_sum.mul_(rescale)
+                block_acc.mul_(rescale)
+                block_max.copy_(new_max)
+            probs = scores.sub_(block_max).exp_()
+            tile_sum = probs.sum(dim=-1, keepdim=True)
+            probs = probs.to(v.dtype)
+            values = probs @ v[:, :, key_start:key_stop]
+            extra_values = scheme.relative_values(probs, q_positions[:, row_start:row_stop],
+                                                  k_positions[:, key_start:key_stop], **hook_options)
+            if extra_values is not None:
+                values = values.add_(extra_values)
+            if first:
+                block_sum.copy_(tile_sum)
+                block_acc.copy_(values)
+            else:
+                block_sum.add_(tile_sum)
+                block_acc.add_(values)
+    for (row_start, row_stop), seen in zip(blocks, opened):  # no key at all (causal, Lq > Lk): NaN, as softmax
+        if not seen:
+            acc[:, :, row_start:row_stop] = float("nan")
+            row_sum[:, :, row_start:row_stop] = 1.0
+    acc = acc.div_(row_sum)
+    return acc if exact else acc.to(out_dtype)
 
 
 class MultiHeadAttention(nn.Module):

@@ -11,15 +11,33 @@ input    ``embed_input(x, positions)``                sinusoidal, learned
 rotation ``rotate(q, k, q_positions, k_positions)``   rope (every frequency schedule), xpos
 bias     ``score_bias(q_positions, k_positions)``     t5, alibi
 content  ``relative_logits`` / ``relative_values``    shaw, transformer_xl, deberta
+         (+ optional ``prepare_relative``)
 ======== ============================================ =====================================
 
 Shapes: ``x`` is (batch, seq, dim); ``q``/``k``/``v`` are (batch, heads, seq, head_dim);
 positions are integer tensors (batch, seq). Scores follow ``s_ij = logit_scale * (q_i . k_j +
 relative_logits_ij) + score_bias_ij``.
+
+The content site is called per *block*. ``posemb.model.attention`` never builds the whole
+(Lq, Lk) score matrix for these schemes: it calls ``relative_logits`` / ``relative_values`` on
+blocks of queries and keys (the q, k, probabilities and positions of that block only), then
+combines the blocks (an online softmax over key tiles without autograd, whole key rows with it).
+So, for the hooks of this site:
+
+* ``prepare_relative(q, k, q_positions, k_positions)`` runs once per attention call on the whole
+  inputs; whatever it returns (e.g. projected distance tables, a positions check) is passed to both
+  hooks of every block as the keyword ``state``. The default returns None, and then the hooks are
+  called without ``state``, so a scheme written before this hook keeps working unchanged.
+* ``relative_logits`` may return any tensor *broadcastable* to (batch, heads, Lq, Lk), e.g. a
+  (batch, heads, Lq, 1) column when a whole block shares one clipped distance, or a view; or a
+  tuple of such tensors, meaning their sum (the attention adds each in place, so a per-query column
+  plus a per-key row never becomes a full block). :func:`sum_relative_logits` adds them up.
+* ``relative_values`` must be linear in ``probs``: blocks pass un-normalised, partial rows (one
+  key tile of the online softmax), and the attention sums and normalises the results itself.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -65,12 +83,25 @@ class PositionalScheme(nn.Module):
         return None
 
     # ---- site "content" ----------------------------------------------------------------------
-    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
-        """Extra logits (batch, heads, Lq, Lk) added to ``q . k`` before ``logit_scale``."""
+    def prepare_relative(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Any:
+        """Per-call work shared by every block of one attention call (whole q, k and positions).
+
+        The result reaches :meth:`relative_logits` and :meth:`relative_values` of each block as
+        ``state=...``; None (the default) means the hooks are called without ``state``.
+        """
         return None
 
-    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
-        """Extra output (batch, heads, Lq, head_dim) added to ``probs @ v`` (Shaw's a^V term)."""
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: Any = None) -> Tensor | tuple[Tensor, ...] | None:
+        """Extra logits, broadcastable to (batch, heads, Lq, Lk) (or a tuple of such terms, summed),
+        added to ``q . k`` before ``logit_scale``. ``state`` is what :meth:`prepare_relative`
+        returned for this call."""
+        return None
+
+    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: Any = None) -> Tensor | None:
+        """Extra output (batch, heads, Lq, head_dim) added to ``probs @ v`` (Shaw's a^V term); must be
+        linear in ``probs`` (the attention may pass un-normalised rows of one key tile)."""
         return None
 
     def logit_scale(self, head_dim: int) -> float:
@@ -83,6 +114,17 @@ class PositionalScheme(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site}"
+
+
+def sum_relative_logits(extra: Tensor | tuple[Tensor, ...] | None, q_len: int, k_len: int) -> Tensor | None:
+    """What :meth:`PositionalScheme.relative_logits` returned, as one (batch, heads, Lq, Lk) tensor."""
+    if extra is None:
+        return None
+    terms = extra if isinstance(extra, (tuple, list)) else (extra,)
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total.expand(*total.shape[:-2], q_len, k_len)
 
 
 def relative_distance(q_positions: Tensor, k_positions: Tensor) -> Tensor:

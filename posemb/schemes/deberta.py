@@ -19,17 +19,24 @@ HF's ``DisentangledSelfAttention`` in the tests).
 
 Computed without an (Lq, Lk, d) tensor: ``q @ K^r^T`` (Lq, 2 span) and ``k @ Q^r^T`` (Lk, 2 span)
 are scored once and gathered into (Lq, Lk).
+
+Per attention call (``prepare_relative``) K^r and Q^r are projected once for all blocks. ``delta``
+is non-decreasing in ``i - j`` (clamp, and the log buckets are monotone), so a block whose smallest
+and largest distance map to the same row shares that row everywhere: in a long sequence, every
+block farther than ``span`` from the diagonal. Such a block gets a column ``q_i . K^r[row]`` plus a
+row ``k_j . Q^r[row]`` (no index, no gather); the other blocks score only the rows between their
+extreme deltas, ``rows(min) .. rows(max)``.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from posemb._validation import check_int
 from posemb.functional.buckets import deberta_log_bucket
-from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key
+from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key, shared_row_pieces
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -128,7 +135,11 @@ class DeBERTaRelative(PositionalScheme):
 
     def relative_index(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         """delta(i, j): (batch, Lq, Lk) rows of P, ``clamp(bucket(i - j) + span, 0, 2 span - 1)``."""
-        rel = query_minus_key(q_positions, k_positions)
+        return self.rows_of(query_minus_key(q_positions, k_positions))
+
+    def rows_of(self, rel: Tensor) -> Tensor:
+        """Row of P for each query-minus-key distance: ``clamp(bucket(rel) + span, 0, 2 span - 1)``
+        (non-decreasing in ``rel``)."""
         if self.position_buckets > 0:
             rel = deberta_log_bucket(rel, self.position_buckets, self.max_relative_positions)
         return (rel + self.span).clamp(0, 2 * self.span - 1)
@@ -139,22 +150,76 @@ class DeBERTaRelative(PositionalScheme):
             table = self.rel_norm(table)
         return projection(table).view(2 * self.span, self.num_heads, self.head_dim).transpose(0, 1).to(dtype)
 
-    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """c2p + p2c as (batch, heads, Lq, Lk), unscaled (``logit_scale`` scales them with q . k)."""
+    def prepare_relative(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> "_CallState":
+        """Once per attention call: K^r and Q^r, (H, 2 span, d) each (None for a term not used)."""
         if q.shape[1] != self.num_heads:
             raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
-        index = self.relative_index(q_positions, k_positions)
+        key_r = self._projected(self.pos_key_proj, q.dtype) if self.pos_key_proj is not None else None
+        query_r = self._projected(self.pos_query_proj, k.dtype) if self.pos_query_proj is not None else None
+        return _CallState(key_r, query_r)
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: "_CallState | None" = None) -> Tensor | tuple[Tensor, Tensor]:
+        """c2p + p2c, unscaled (``logit_scale`` scales them with q . k): (batch, heads, Lq, Lk), or,
+        when every pair of the block reads one row of P, the broadcast terms (batch, heads, Lq, 1)
+        and (batch, heads, 1, Lk) (a tuple, summed by the attention; one of them if one term is used)."""
+        if state is None:  # called on its own, outside the attention's blocked loop
+            state = self.prepare_relative(q, k, q_positions, k_positions)
+        elif q.shape[1] != self.num_heads:
+            raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
+        # Without autograd, cut the keys where the rows change, so the p2c scores k @ Q^r^T cover only
+        # the rows each piece reads (not every key against every row: 4 MiB for a 512-key tile).
+        smallest = k.shape[-2] if _needs_grad(q, k, state) else max(64, q.shape[-2])
+        pieces = shared_row_pieces(q_positions, k_positions, self._row_range, smallest)
+        if len(pieces) == 1:
+            return self._piece_logits(q, k, q_positions, k_positions, state, *pieces[0][2:])
+        out = q.new_empty(*q.shape[:3], k.shape[-2])  # no autograd here: pieces are written in place
+        for start, stop, first, last in pieces:
+            part = self._piece_logits(q, k[:, :, start:stop], q_positions, k_positions[:, start:stop], state,
+                                      first, last)
+            if isinstance(part, tuple):
+                torch.add(*part, out=out[..., start:stop])
+            else:
+                out[..., start:stop] = part
+        return out
+
+    def _row_range(self, low: int, high: int) -> tuple[int, int]:
+        """Rows of P for the distances ``low`` and ``high`` (the extremes of a block: rows are monotone)."""
+        first, last = self.rows_of(torch.tensor([low, high])).tolist()
+        return first, last
+
+    def _piece_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor, state: "_CallState",
+                      first: int, last: int) -> Tensor:
+        """c2p + p2c of a block whose pairs read rows ``first .. last`` of P."""
+        if first == last:  # every pair reads row `first`: broadcast terms, no index
+            terms = []
+            if state.key_r is not None:      # c2p: (B, H, Lq, 1)
+                terms.append(q @ state.key_r[:, first, :, None])
+            if state.query_r is not None:    # p2c: (B, H, 1, Lk)
+                terms.append((k @ state.query_r[:, first, :, None]).transpose(-1, -2))
+            return terms[0] if len(terms) == 1 else tuple(terms)
+        index = self.relative_index(q_positions, k_positions) - first   # rows first .. last only
         total = None
-        if self.pos_key_proj is not None:      # c2p: q_i . K^r[delta(i, j)]
-            key_r = self._projected(self.pos_key_proj, q.dtype)                     # (H, 2 span, d)
-            total = gather_relative(q @ key_r.transpose(-1, -2), index)
-        if self.pos_query_proj is not None:    # p2c: k_j . Q^r[delta(i, j)]
-            query_r = self._projected(self.pos_query_proj, k.dtype)
-            p2c = gather_relative_rows(k @ query_r.transpose(-1, -2), index)
-            total = p2c if total is None else total + p2c
+        if state.key_r is not None:          # c2p: q_i . K^r[delta(i, j)]
+            total = gather_relative(q @ state.key_r[:, first:last + 1].transpose(-1, -2), index)
+        if state.query_r is not None:        # p2c: k_j . Q^r[delta(i, j)]
+            p2c = gather_relative_rows(k @ state.query_r[:, first:last + 1].transpose(-1, -2), index)
+            total = p2c if total is None else total.add_(p2c)
         return total
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, span={self.span}, "
                 f"max_relative_positions={self.max_relative_positions}, position_buckets={self.position_buckets}, "
                 f"pos_att_type={self.pos_att_type}")
+
+
+def _needs_grad(q: Tensor, k: Tensor, state: "_CallState") -> bool:
+    tensors = (q, k, state.key_r, state.query_r)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _CallState(NamedTuple):
+    """What :meth:`DeBERTaRelative.prepare_relative` hands to every block of one call."""
+
+    key_r: Tensor | None     # K^r = P W_{k,r}, (H, 2 span, d), for c2p
+    query_r: Tensor | None   # Q^r = P W_{q,r}, (H, 2 span, d), for p2c

@@ -8,6 +8,12 @@ with learned ``w^K, w^V`` of shape (2k+1, head_dim). Computed without the (Lq, L
 tensors a^K, a^V (the paper's §3.3 and Music Transformer's point): ``q @ w^K^T`` gives an
 (Lq, 2k+1) table that a gather moves to (Lq, Lk); the value term sums the probabilities of each
 clipped distance into (Lq, 2k+1) with a scatter_add and multiplies by ``w^V``.
+
+Blocks whose distances all clip to the same row (|j - i| >= k for every pair: most of a long
+causal sequence, away from the diagonal) skip the index altogether: their logits are one column
+``q_i . w^K[row]`` broadcast over the keys, and their value term is ``(sum_j alpha_ij) w^V[row]``.
+Without autograd the value term of the other blocks is cut the same way into runs of keys
+(``shared_row_pieces``), so the scatter only touches keys within about k of the diagonal.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from posemb._validation import check_int
-from posemb.functional.relative import clipped_index, gather_relative, key_minus_query, scatter_relative
+from posemb.functional.relative import (clipped_index, distance_bounds, gather_relative, key_minus_query,
+                                        scatter_relative, shared_row_pieces)
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -72,17 +79,52 @@ class ShawRelative(PositionalScheme):
             raise ValueError(f"per-head Shaw tables were built for num_heads={self.num_heads}, "
                              f"got a tensor with {tensor.shape[1]} heads (shape {tuple(tensor.shape)})")
 
-    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """``q_i . w^K[clip(j - i, k)]`` as (batch, heads, Lq, Lk)."""
+    def row_range(self, low: int, high: int) -> tuple[int, int]:
+        """Table rows of the query-minus-key distances ``high`` and ``low`` (Shaw's distance is
+        ``j - i``): every distance in between reads a row in this range."""
+        kk = self.max_relative_position
+        return max(-kk, min(kk, -high)) + kk, max(-kk, min(kk, -low)) + kk
+
+    def shared_row(self, q_positions: Tensor, k_positions: Tensor) -> int | None:
+        """The table row of every (query, key) pair when they all clip to one, else None."""
+        first, last = self.row_range(*distance_bounds(q_positions, k_positions))
+        return first if first == last else None
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: object = None) -> Tensor:
+        """``q_i . w^K[clip(j - i, k)]`` as (batch, heads, Lq, Lk), or (batch, heads, Lq, 1) when
+        every pair of the block shares one row."""
         self._check_heads(q)
-        per_distance = q @ self.key_table.to(q.dtype).transpose(-1, -2)  # (B, H, Lq, 2k+1)
+        key_table = self.key_table.to(q.dtype)
+        row = self.shared_row(q_positions, k_positions)
+        if row is not None:
+            return q @ key_table[:, row, :, None]                          # (B, H, Lq, 1)
+        per_distance = q @ key_table.transpose(-1, -2)                     # (B, H, Lq, 2k+1)
         return gather_relative(per_distance, self.distance_index(q_positions, k_positions))
 
-    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """``sum_j alpha_ij w^V[clip(j - i, k)]`` as (batch, heads, Lq, head_dim)."""
+    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: object = None) -> Tensor:
+        """``sum_j alpha_ij w^V[clip(j - i, k)]`` as (batch, heads, Lq, head_dim) (linear in alpha)."""
         self._check_heads(probs)
-        per_distance = scatter_relative(probs, self.distance_index(q_positions, k_positions), self.num_rows)
-        return per_distance @ self.value_table.to(probs.dtype)
+        value_table = self.value_table.to(probs.dtype)
+        row = self.shared_row(q_positions, k_positions)
+        if row is not None:
+            return probs.sum(-1, keepdim=True) * value_table[:, row, None, :]
+        if torch.is_grad_enabled() and (probs.requires_grad or value_table.requires_grad):
+            per_distance = scatter_relative(probs, self.distance_index(q_positions, k_positions), self.num_rows)
+            return per_distance @ value_table
+        # Without autograd: scatter only the keys near the diagonal (scatter_add is slow per element);
+        # runs of keys that all clip to one row just add their probabilities' sum to that row.
+        per_distance = probs.new_zeros(*probs.shape[:3], self.num_rows)
+        pieces = shared_row_pieces(q_positions, k_positions, self.row_range, max(64, probs.shape[-2]))
+        for start, stop, first, last in pieces:
+            piece = probs[..., start:stop]
+            if first == last:
+                per_distance[..., first] += piece.sum(-1)
+            else:
+                index = self.distance_index(q_positions, k_positions[:, start:stop])
+                per_distance.scatter_add_(-1, index[:, None].expand(piece.shape), piece)
+        return per_distance @ value_table
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, max_relative_position={self.max_relative_position}, "

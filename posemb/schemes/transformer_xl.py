@@ -15,14 +15,24 @@ Efficient form (App. B): ``W_R R`` is computed only for the distinct distances p
 (O((Lq + Lk) * dim) work), ``(q + v)`` is scored against them, and a gather places each score at
 its (i, j). The distances come from the position tensors, so decoding with a KV cache and position
 offsets need no special case, and both signs of ``i - j`` (bidirectional attention) are handled.
+
+Per attention call (``prepare_relative``): one check whether the positions are consecutive, and a
+:class:`~posemb.functional.relative.DistanceTable` that embeds ``W_R R`` for the distance range of a
+block and keeps it for the next block with the same range (the attention visits them in a row), so
+the projection runs about once per distinct range, not once per block. With consecutive positions
+the per-distance scores are placed by a strided view (``toeplitz_scores``: no index, no gather);
+otherwise by a gather with an index ``high - (i - j)``.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from posemb._validation import check_even, check_float, check_int
-from posemb.functional.relative import distinct_distances, gather_relative, query_minus_key
+from posemb.functional.relative import (DistanceTable, consecutive_offset, distance_bounds, distinct_distances,
+                                        gather_relative, query_minus_key, toeplitz_scores)
 from posemb.functional.sinusoidal import sinusoid_concat
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
@@ -71,16 +81,44 @@ class TransformerXLRelative(PositionalScheme):
         projected = self.r_proj(table)
         return projected.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
-    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        """Terms (b) + (c) + (d) as (batch, heads, Lq, Lk)."""
+    def prepare_relative(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> "_CallState":
+        """Once per attention call: whether the positions are consecutive, and an empty table cache."""
         if q.shape[1] != self.num_heads:
             raise ValueError(f"Transformer-XL was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
-        distances, index = distinct_distances(query_minus_key(q_positions, k_positions))
-        r = self.relative_embeddings(distances).to(q.dtype)                           # (H, R, d)
+        dtype = q.dtype
+        table = DistanceTable(lambda distances: self.relative_embeddings(distances).to(dtype), q.device)
+        return _CallState(consecutive_offset(q_positions, k_positions) is not None, table)
+
+    def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
+                        *, state: "_CallState | None" = None) -> tuple[Tensor, Tensor]:
+        """Terms (b) + (d), (batch, heads, Lq, Lk) (with consecutive positions a strided view of the
+        per-distance scores), and term (c), (batch, heads, 1, Lk): a tuple whose sum is the extra."""
+        if state is None:  # called on its own, outside the attention's blocked loop
+            state = self.prepare_relative(q, k, q_positions, k_positions)
+        elif q.shape[1] != self.num_heads:
+            raise ValueError(f"Transformer-XL was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
+        q_len, k_len = q.shape[-2], k.shape[-2]
         shifted_q = q + self.position_bias.to(q.dtype)[:, None, :]                     # q_i + v
-        positional = gather_relative(shifted_q @ r.transpose(-1, -2), index)           # (b) + (d)
+        low, high = distance_bounds(q_positions, k_positions)                          # of i - j
+        if state.consecutive:   # i - j = offset + i - j: read the scores along diagonals
+            per_distance = shifted_q @ state.table.rows(low, high).transpose(-1, -2)  # (B, H, Lq, Lq+Lk-1)
+            positional = toeplitz_scores(per_distance, k_len)                        # (b) + (d)
+        elif high - low < q_len * k_len:   # a dense range of distances: rows high - (i - j)
+            per_distance = shifted_q @ state.table.rows(low, high).transpose(-1, -2)
+            positional = gather_relative(per_distance, high - query_minus_key(q_positions, k_positions))
+        else:                               # positions with huge gaps: embed only the distances present
+            distances, index = distinct_distances(query_minus_key(q_positions, k_positions))
+            r = self.relative_embeddings(distances).to(q.dtype)                       # (H, R, d)
+            positional = gather_relative(shifted_q @ r.transpose(-1, -2), index)
         content = (k @ self.content_bias.to(k.dtype)[:, :, None]).transpose(-1, -2)   # (c): (B, H, 1, Lk)
-        return positional + content
+        return positional, content
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}"
+
+
+class _CallState(NamedTuple):
+    """What :meth:`TransformerXLRelative.prepare_relative` hands to every block of one call."""
+
+    consecutive: bool       # positions consecutive, one offset for the batch: Toeplitz blocks
+    table: DistanceTable    # W_R R_d, (H, rows, d), for the last range of distances asked for
