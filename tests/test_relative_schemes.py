@@ -190,22 +190,204 @@ def test_attend_matches_naive_formula(name, options, naive, q_len, k_len, causal
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_query_blocking_does_not_change_the_result(monkeypatch):
-    """The attention module splits long query ranges into blocks; each block sees only its rows."""
+def small_tiles(monkeypatch, elements):
+    """Score tiles of ``elements`` (batch * heads * rows * keys) in the no-grad path (many tiles)."""
     import posemb.model.attention as attention
 
-    q, k, v = make_qkv(12, 12)
-    q_pos, k_pos = make_positions(12, 12)
-    for name, options in [("shaw", dict(head_dim=HEAD_DIM, max_relative_position=3)),
-                          ("transformer_xl", dict(dim=DIM, num_heads=HEADS)),
-                          ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=4))]:
-        scheme = randomise(posemb.build(name, **options))
+    monkeypatch.setattr(attention, "_CONTENT_TILE_MIN_ELEMENTS", elements)
+    monkeypatch.setattr(attention, "_CONTENT_TILE_MAX_ELEMENTS", elements)
+
+
+TILED_SCHEMES = [
+    ("shaw", dict(head_dim=HEAD_DIM, max_relative_position=3)),
+    ("shaw", dict(head_dim=HEAD_DIM, num_heads=HEADS, max_relative_position=5, per_head=True)),
+    ("shaw", dict(head_dim=HEAD_DIM, max_relative_position=0)),
+    ("transformer_xl", dict(dim=DIM, num_heads=HEADS)),
+    ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=4)),
+    ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=3, pos_att_type="p2c")),
+    ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=20, position_buckets=6)),
+]
+TILED_CASES = [(40, 40, True), (40, 40, False), (13, 45, True), (13, 45, False), (1, 30, True)]
+
+
+def spaced_positions(q_len, k_len, spacing):
+    """``make_positions`` times ``spacing``: 1 consecutive (the Toeplitz case), 3 gaps, 100003 huge gaps
+    (Transformer-XL then embeds only the distances present)."""
+    q_pos, k_pos = make_positions(q_len, k_len)
+    return q_pos * spacing, k_pos * spacing
+
+
+@pytest.mark.parametrize("name,options", TILED_SCHEMES, ids=[f"{t[0]}-{i}" for i, t in enumerate(TILED_SCHEMES)])
+@pytest.mark.parametrize("q_len,k_len,causal", TILED_CASES)
+@pytest.mark.parametrize("spacing", [1, 3, 100003])
+def test_tile_and_block_sizes_do_not_change_the_result(monkeypatch, name, options, q_len, k_len, causal, spacing):
+    """Float64: one tile (default sizes at this length) = many small tiles (online softmax over key
+    tiles, partial tiles at both ends, tiles beyond the diagonal when bidirectional) = the autograd
+    path with blocks of 5 query rows."""
+    import posemb.model.attention as attention
+
+    scheme = randomise(posemb.build(name, **options)).double()
+    q, k, v = (t.double() for t in make_qkv(q_len, k_len))
+    q_pos, k_pos = spaced_positions(q_len, k_len, spacing)
+    with torch.no_grad():
+        whole = attend(q, k, v, scheme, q_pos, k_pos, causal=causal)
+        results = {}
+        for elements in (BATCH * HEADS * 8, BATCH * HEADS * 8 * 16):  # tiles of 8 x 8 (1 x 8), 8 x 16 (1 x 128)
+            small_tiles(monkeypatch, elements)
+            rows, keys = attention._content_tile(BATCH * HEADS, q_len, k_len, 1)
+            assert rows < q_len or keys < k_len or q_len == 1  # really several tiles
+            results[f"tiles of {elements}"] = attend(q, k, v, scheme, q_pos, k_pos, causal=causal)
+    monkeypatch.setattr(attention, "_CONTENT_BLOCK_ELEMENTS", BATCH * HEADS * k_len * 5)
+    q.requires_grad_(True)
+    results["autograd path, blocks of 5 rows"] = attend(q, k, v, scheme, q_pos, k_pos, causal=causal).detach()
+    for label, got in results.items():
+        torch.testing.assert_close(got, whole, atol=1e-12, rtol=1e-12, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("name,options,naive", [GOLDEN[0], GOLDEN[1], GOLDEN[3], GOLDEN[5], GOLDEN[8]],
+                         ids=["shaw", "shaw-per-head", "transformer_xl", "deberta", "deberta-buckets"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_many_tiles_match_naive_formula(monkeypatch, name, options, naive, causal):
+    small_tiles(monkeypatch, BATCH * HEADS * 8 * 8)
+    scheme = randomise(posemb.build(name, **options))
+    q, k, v = make_qkv(19, 24)
+    q_pos, k_pos = make_positions(19, 24)
+    if name == "deberta" and options.get("position_buckets", 0) > 0:
+        q_pos, k_pos = q_pos * 3, k_pos * 3
+    with torch.no_grad():
+        got = attend(q, k, v, scheme, q_pos, k_pos, causal=causal)
+    torch.testing.assert_close(got.double(), naive(scheme, q, k, v, q_pos, k_pos, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", MEMORY_SCHEMES := [
+    ("shaw", dict(head_dim=16, max_relative_position=16)),
+    ("transformer_xl", dict(dim=32, num_heads=2)),
+    ("deberta", dict(dim=32, num_heads=2, max_relative_positions=128))])
+@pytest.mark.parametrize("causal", [True, False])
+def test_no_grad_forward_keeps_every_tensor_within_about_one_tile(name, options, causal):
+    """At L = 1024 no tensor outgrows the score tile (or the output): no (L, L) block per head, no
+    per-distance table over all 2L - 1 distances, no (keys, 2 span) DeBERTa table. The tile is
+    the attention's own choice (~1/8 of the output, at least 2^16 elements); Transformer-XL's
+    per-distance scores are (rows, rows + keys - 1), 1.13 tiles here. Then the same forward through
+    the autograd path (one whole (L, L) block per head) gives the same result."""
+    import posemb.model.attention as attention
+
+    length, heads, head_dim = 1024, 2, 16
+    scheme = randomise(posemb.build(name, **options))
+    q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+    pos = torch.arange(length)[None]
+    rows, keys = attention._content_tile(heads, length, length, heads * length * head_dim)
+    tile = heads * rows * keys
+    assert tile * 16 <= heads * length * length  # the bound below is far from an (L, L) block
+    recorder = LargestTensor()
+    with recorder, torch.no_grad():
+        out = attend(q, k, v, scheme, pos, pos, causal=causal)
+    assert recorder.ops > 0
+    assert recorder.largest <= max(out.numel(), 1.2 * tile), \
+        f"{name}: a tensor of {recorder.largest} elements, tile {heads}x{rows}x{keys} = {tile}"
+    q.requires_grad_(True)
+    reference = attend(q, k, v, scheme, pos, pos, causal=causal).detach()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_xl_embeds_each_distance_range_once_per_call(monkeypatch):
+    """The per-distance table W_R R is built once per key diagonal of tiles (not once per tile)."""
+    import posemb.model.attention as attention
+    import posemb.schemes.transformer_xl as txl
+    from posemb.functional.relative import DistanceTable
+
+    builds = []
+
+    class Recording(DistanceTable):
+        def _embed(self, low, high):
+            builds.append((low, high))
+            return super()._embed(low, high)
+
+    monkeypatch.setattr(txl, "DistanceTable", Recording)
+    length, heads, head_dim = 512, 2, 16
+    scheme = posemb.build("transformer_xl", dim=heads * head_dim, num_heads=heads)
+    q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+    pos = torch.arange(length)[None] + 7
+    small_tiles(monkeypatch, heads * 16 * 128)  # tiles of 16 rows x 128 keys: 32 blocks, 4 diagonals
+    assert attention._content_tile(heads, length, length, 1) == (16, 128)
+    with torch.no_grad():
+        attend(q, k, v, scheme, pos, pos, causal=True)
+    assert len(builds) == 4 and all(high - low + 1 == 16 + 128 - 1 for low, high in builds)
+
+
+def test_a_scheme_written_without_state_still_works():
+    """prepare_relative is optional: a content scheme whose hooks take no ``state`` keyword, and that
+    returns a tuple of broadcast terms, runs through both paths and matches a dense computation."""
+
+    class Toy(posemb.schemes.base.PositionalScheme):
+        site = "content"
+
+        def __init__(self):
+            super().__init__()
+            self.slope = torch.nn.Parameter(torch.tensor(0.3))
+            self.vector = torch.nn.Parameter(torch.randn(HEAD_DIM))
+
+        def relative_logits(self, q, k, q_positions, k_positions):
+            distance = (q_positions[:, None, :, None] - k_positions[:, None, None, :]).abs()
+            return -self.slope * distance, q[..., :1]            # a full term and a column
+
+        def relative_values(self, probs, q_positions, k_positions):
+            return probs.sum(-1, keepdim=True) * self.vector     # linear in probs
+
+    scheme = Toy()
+    q, k, v = make_qkv(21, 21)
+    q_pos, k_pos = make_positions(21, 21)
+    with torch.no_grad():
+        distance = (q_pos[:, None, :, None] - k_pos[:, None, None, :]).abs()
+        logits = (q @ k.transpose(-1, -2) - scheme.slope * distance + q[..., :1]) * HEAD_DIM ** -0.5
+        probs = torch.softmax(logits.masked_fill(~torch.ones(21, 21, dtype=torch.bool).tril(), float("-inf")), -1)
+        expected = probs @ v + scheme.vector
+    import posemb.model.attention as attention
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        small_tiles(patch, BATCH * HEADS * 8 * 8)
+        tiled = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
+        assert attention._content_tile(BATCH * HEADS, 21, 21, 1) == (8, 8)
+    rows = attend(q, k, v, scheme, q_pos, k_pos, causal=True)  # the slope requires grad: autograd path
+    assert rows.requires_grad
+    torch.testing.assert_close(tiled, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,options", [("shaw", dict(head_dim=HEAD_DIM, max_relative_position=3)),
+                                          ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=4)),
+                                          ("deberta", dict(dim=DIM, num_heads=HEADS, max_relative_positions=9,
+                                                           position_buckets=6, pos_att_type="c2p"))])
+def test_blocks_that_share_one_row_give_the_gathered_logits(name, options):
+    """Far from the diagonal every pair reads one row: the broadcast shortcut (a column and/or a row,
+    maybe as a tuple) equals the gather of the general path, and a block that straddles the band
+    (cut into pieces without autograd) equals it too."""
+    from posemb.schemes.base import sum_relative_logits
+
+    scheme = randomise(posemb.build(name, **options))
+    q, k = torch.randn(BATCH, HEADS, 4, HEAD_DIM), torch.randn(BATCH, HEADS, 300, HEAD_DIM)
+    k_pos = torch.arange(300).expand(BATCH, 300)
+    for q_start in (296, 150, 100):  # the last keys' queries; the middle; then half the keys lie ahead
+        q_pos = torch.arange(q_start, q_start + 4).expand(BATCH, 4)
+        if name == "shaw":
+            table = scheme.key_table.detach()
+            expected = gather_relative(q @ table.transpose(-1, -2), scheme.distance_index(q_pos, k_pos))
+        else:
+            index = scheme.relative_index(q_pos, k_pos)
+            expected = 0
+            if scheme.pos_key_proj is not None:
+                expected = gather_relative(q @ scheme._projected(scheme.pos_key_proj, q.dtype).transpose(-1, -2), index)
+            if scheme.pos_query_proj is not None:
+                expected = expected + gather_relative_rows(
+                    k @ scheme._projected(scheme.pos_query_proj, k.dtype).transpose(-1, -2), index)
         with torch.no_grad():
-            whole = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
-            monkeypatch.setattr(attention, "_CONTENT_BLOCK_ELEMENTS", BATCH * HEADS * 12 * 5)  # blocks of 5 rows
-            blocked = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
-            monkeypatch.undo()
-        torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=1e-6)
+            far = sum_relative_logits(scheme.relative_logits(q, k[:, :, :40], q_pos, k_pos[:, :40]), 4, 40)
+            whole = sum_relative_logits(scheme.relative_logits(q, k, q_pos, k_pos), 4, 300)
+        torch.testing.assert_close(far, expected[..., :40], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(whole, expected, atol=1e-5, rtol=1e-5)
+        if q_start == 296:
+            assert scheme.relative_logits(q, k[:, :, :40], q_pos, k_pos[:, :40]).__class__ is tuple \
+                or scheme.relative_logits(q, k[:, :, :40], q_pos, k_pos[:, :40]).shape[-1] == 1
 
 
 @pytest.mark.parametrize("buckets", [-1, 16])
@@ -315,6 +497,92 @@ def test_distinct_distances_and_clip():
     values, index = distinct_distances(sparse)
     assert values[index].equal(sparse) and len(values) == 4
     assert clip_distance(torch.arange(-5, 6), 2).tolist() == [-2, -2, -2, -2, -1, 0, 1, 2, 2, 2, 2]
+
+
+def test_distance_bounds_and_consecutive_offset():
+    from posemb.functional.relative import consecutive_offset, distance_bounds, query_minus_key
+
+    torch.manual_seed(0)
+    for _ in range(20):
+        q_pos, k_pos = torch.randint(-50, 50, (3, 5)), torch.randint(-50, 50, (3, 7))
+        rel = query_minus_key(q_pos, k_pos)
+        assert distance_bounds(q_pos, k_pos) == (int(rel.min()), int(rel.max()))
+    k_pos = torch.stack([torch.arange(10, 20), torch.arange(-3, 7)])
+    assert consecutive_offset(k_pos[:, 6:], k_pos) == 6
+    assert consecutive_offset(k_pos[:, :1], k_pos[:, :1]) == 0
+    assert consecutive_offset(k_pos[:, 6:] * 2, k_pos * 2) is None                    # steps of 2
+    assert consecutive_offset(k_pos[:, 6:] + torch.tensor([[0], [1]]), k_pos) is None  # offsets differ
+    assert consecutive_offset(k_pos.flip(1), k_pos) is None                            # counting down
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (4, 9), (9, 4), (5, 5)])
+def test_toeplitz_view_equals_the_gather(q_len, k_len):
+    from posemb.functional.relative import toeplitz_scores
+
+    per_distance = torch.randn(2, 3, q_len, q_len + k_len - 1)
+    i, j = torch.arange(q_len)[:, None], torch.arange(k_len)[None, :]
+    index = (q_len - 1 - i + j).expand(2, q_len, k_len)  # column of distance high - (i - j)
+    view = toeplitz_scores(per_distance, k_len)
+    assert view.equal(gather_relative(per_distance, index))
+    assert view.data_ptr() == per_distance.data_ptr() + (q_len - 1) * per_distance.element_size()  # no copy
+    with pytest.raises(ValueError, match="Lq \\+ Lk - 1"):
+        toeplitz_scores(per_distance, k_len + 1)
+    leaf = per_distance.clone().requires_grad_(True)  # the view's backward sums over each diagonal
+    toeplitz_scores(leaf, k_len).sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.zeros_like(leaf).scatter_add(
+        -1, index[:, None].expand(2, 3, q_len, k_len), torch.ones(2, 3, q_len, k_len)))
+
+
+def test_distance_table_keeps_one_range_and_builds_in_chunks():
+    from posemb.functional.relative import DistanceTable
+
+    weight = torch.randn(3, 4, requires_grad=True)
+    calls = []
+
+    def build(distances):
+        calls.append(len(distances))
+        return distances.double()[:, None].float() * weight[:, None, :]
+
+    def expected(low, high):
+        return torch.arange(high, low - 1, -1).float()[:, None] * weight[:, None, :]
+
+    table = DistanceTable(build, torch.device("cpu"), chunk=4)
+    with torch.no_grad():
+        torch.testing.assert_close(table.rows(-5, 6), expected(-5, 6))      # 12 distances: chunks 4 + 4 + 4
+        assert calls == [4, 4, 4] and table.builds == 1
+        torch.testing.assert_close(table.rows(-2, 3), expected(-2, 3))      # a sub-range: kept rows
+        assert table.builds == 1
+        table.rows(0, 7)                                                     # beyond: rebuilt
+        assert table.builds == 2
+    rows = table.rows(-20, -10)                                              # autograd: 4, then the other 7
+    assert calls[-2:] == [4, 7] and rows.requires_grad
+    rows.sum().backward()
+    assert weight.grad is not None
+    with pytest.raises(ValueError, match="high must be >= low"):
+        table.rows(3, 2)
+
+
+def test_shared_row_pieces_cover_the_keys_and_tell_the_truth():
+    from posemb.functional.relative import query_minus_key, shared_row_pieces
+
+    def rows(rel):  # monotone, saturating at both ends, like DeBERTa's delta
+        return (rel + 6).clamp(0, 11)
+
+    def row_range(low, high):
+        return int(rows(torch.tensor(low))), int(rows(torch.tensor(high)))
+
+    for q_start, spacing in [(100, 1), (40, 1), (3, 1), (60, 7)]:
+        q_pos = torch.arange(q_start, q_start + 8).expand(2, 8)
+        k_pos = (torch.arange(120) * spacing).expand(2, 120)
+        pieces = shared_row_pieces(q_pos, k_pos, row_range, smallest=16)
+        assert pieces[0][0] == 0 and pieces[-1][1] == 120
+        assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
+        for start, stop, first, last in pieces:
+            actual = rows(query_minus_key(q_pos, k_pos[:, start:stop]))
+            assert (int(actual.min()), int(actual.max())) == (first, last)
+            assert first == last or stop - start <= 16
+        shared = [p for p in pieces if p[2] == p[3]]
+        assert all(not (a[1] == b[0] and a[2] == b[2]) for a, b in zip(shared, shared[1:]))  # merged
 
 
 # ------------------------------------------------------------------------------------------------

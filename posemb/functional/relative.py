@@ -122,8 +122,10 @@ class DistanceTable:
     grows beyond the range of one tile (Transformer-XL's ``W_R R`` for all 2L - 1 distances would be
     as large as the attention's output).
 
-    Without autograd the build runs ``chunk`` distances at a time into a preallocated table, so the
-    build's own temporaries (a float64 sinusoid, say) stay small; with autograd it runs in one call.
+    The build runs ``chunk`` distances at a time into a preallocated table, so its own temporaries
+    (a float64 sinusoid, say) stay small; when the first chunk requires grad, the rest is built in one
+    more call and concatenated instead (autograd keeps the pieces anyway, and cannot see writes into
+    a preallocated table).
     """
 
     def __init__(self, build: Callable[[Tensor], Tensor], device: torch.device, chunk: int = 64) -> None:

@@ -2,8 +2,10 @@
 
 Fast path: ``torch.nn.functional.scaled_dot_product_attention`` (SDPA) for the none, input,
 rotation and bias sites. The content site (Shaw, Transformer-XL, DeBERTa) needs extra terms
-inside the softmax and on the values, so it runs a query-blocked path whose memory is
-O(block * Lk) per head rather than O(Lq * Lk * head_dim).
+inside the softmax and on the values, so it runs its own blocked loop over the scheme's hooks:
+without autograd, (rows x keys) tiles with an online softmax into the preallocated output (peak
+memory: the output plus a few tiles); with autograd, query blocks against the keys they may see.
+Never O(Lq * Lk * head_dim), and never a whole (Lq, Lk) score matrix without autograd.
 """
 from __future__ import annotations
 
