@@ -94,7 +94,10 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     hook_options = {} if state is None else {"state": state}
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
-    if needs_grad or torch.compiler.is_compiling():
+    rows, keys = _content_tile(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q[..., :1].numel() * v.shape[-1])
+    # One tile holds everything (decoding, short inputs): the plain softmax of the rows path is the
+    # same memory with fewer operations.
+    if needs_grad or torch.compiler.is_compiling() or (rows >= q.shape[2] and keys >= k.shape[2]):
         return _content_rows(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
     return _content_tiles(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
 

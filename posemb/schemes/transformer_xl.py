@@ -33,7 +33,6 @@ from torch import Tensor, nn
 from posemb._validation import check_even, check_float, check_int
 from posemb.functional.relative import (DistanceTable, consecutive_offset, distance_bounds, distinct_distances,
                                         gather_relative, query_minus_key, toeplitz_scores)
-from posemb.functional.sinusoidal import sinusoid_concat
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -77,7 +76,7 @@ class TransformerXLRelative(PositionalScheme):
 
     def relative_embeddings(self, distances: Tensor) -> Tensor:
         """``W_R R_d`` for a 1-D tensor of distances: (num_heads, len(distances), head_dim)."""
-        table = sinusoid_concat(distances, self.dim, self.base, dtype=self.r_proj.weight.dtype)
+        table = _sinusoid(distances, self.dim, self.base, self.r_proj.weight.dtype)
         projected = self.r_proj(table)
         return projected.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
@@ -86,7 +85,8 @@ class TransformerXLRelative(PositionalScheme):
         if q.shape[1] != self.num_heads:
             raise ValueError(f"Transformer-XL was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
         dtype = q.dtype
-        table = DistanceTable(lambda distances: self.relative_embeddings(distances).to(dtype), q.device)
+        table = DistanceTable(lambda distances: self.relative_embeddings(distances).to(dtype), q.device,
+                              chunk=_TABLE_CHUNK)
         return _CallState(consecutive_offset(q_positions, k_positions) is not None, table)
 
     def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
@@ -115,6 +115,24 @@ class TransformerXLRelative(PositionalScheme):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}"
+
+
+# Distances embedded per build step without autograd: the float64 angles of one step are
+# _TABLE_CHUNK * dim / 2 values (256 KiB for dim 512), the table rows of a tile at L=4096 are ~575.
+_TABLE_CHUNK = 128
+
+
+def _sinusoid(distances: Tensor, dim: int, base: float, dtype: torch.dtype) -> Tensor:
+    """:func:`~posemb.functional.sinusoidal.sinusoid_concat` (``[sin, cos]`` of float64 angles, the
+    official ``PositionalEmbedding`` order), bit for bit, with sin and cos written straight into the
+    ``dtype`` table: the only float64 temporary is the angles (half a table), not angles, sin, cos
+    and their concatenation."""
+    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=distances.device) / dim)
+    angles = distances.to(torch.float64)[:, None] * inv_freq
+    table = torch.empty(len(distances), dim, dtype=dtype, device=distances.device)
+    torch.sin(angles, out=table[:, :dim // 2])
+    torch.cos(angles, out=table[:, dim // 2:])
+    return table
 
 
 class _CallState(NamedTuple):
