@@ -191,11 +191,17 @@ def test_attend_matches_naive_formula(name, options, naive, q_len, k_len, causal
 
 
 def small_tiles(monkeypatch, elements):
-    """Score tiles of ``elements`` (batch * heads * rows * keys) in the no-grad path (many tiles)."""
+    """Score tiles of ``elements`` (batch * heads * rows * keys) in the no-grad path (many tiles), and
+    the blocks of Shaw's value term and DeBERTa's logits cut into runs of keys as short as 4."""
     import posemb.model.attention as attention
+    import posemb.schemes.deberta as deberta
+    import posemb.schemes.shaw as shaw
 
     monkeypatch.setattr(attention, "_CONTENT_TILE_MIN_ELEMENTS", elements)
     monkeypatch.setattr(attention, "_CONTENT_TILE_MAX_ELEMENTS", elements)
+    monkeypatch.setattr(shaw, "_PIECES_FROM", 1)
+    monkeypatch.setattr(shaw, "_PIECE_KEYS", 4)
+    monkeypatch.setattr(deberta, "_PIECE_KEYS", 4)
 
 
 TILED_SCHEMES = [

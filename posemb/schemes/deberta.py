@@ -41,6 +41,9 @@ from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
 POSITION_TERMS = ("c2p", "p2c")
+# Without autograd, blocks are cut into runs of keys of about this many keys (or the block's query
+# count) where the rows of P change (``relative_logits``).
+_PIECE_KEYS = 64
 
 
 def _parse_pos_att_type(pos_att_type: str | Iterable[str]) -> tuple[str, ...]:
@@ -169,7 +172,7 @@ class DeBERTaRelative(PositionalScheme):
             raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
         # Without autograd, cut the keys where the rows change, so the p2c scores k @ Q^r^T cover only
         # the rows each piece reads (not every key against every row: 4 MiB for a 512-key tile).
-        smallest = k.shape[-2] if _needs_grad(q, k, state) else max(64, q.shape[-2])
+        smallest = k.shape[-2] if _needs_grad(q, k, state) else max(_PIECE_KEYS, q.shape[-2])
         pieces = shared_row_pieces(q_positions, k_positions, self._row_range, smallest)
         if len(pieces) == 1:
             return self._piece_logits(q, k, q_positions, k_positions, state, *pieces[0][2:])

@@ -27,6 +27,13 @@ from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
 
+# Blocks of at least this many (query, key) pairs per head cut their value term into runs of keys;
+# below it (decoding: one query) one scatter is cheaper than the bound checks of the cutting.
+_PIECES_FROM = 1 << 14
+# Runs of keys near the diagonal are cut down to about this many keys (or the block's query count).
+_PIECE_KEYS = 64
+
+
 @register("shaw")
 class ShawRelative(PositionalScheme):
     """Learned key and value vectors per clipped relative distance ``clip(j - i, k)``.
@@ -110,13 +117,14 @@ class ShawRelative(PositionalScheme):
         row = self.shared_row(q_positions, k_positions)
         if row is not None:
             return probs.sum(-1, keepdim=True) * value_table[:, row, None, :]
-        if torch.is_grad_enabled() and (probs.requires_grad or value_table.requires_grad):
+        if (torch.is_grad_enabled() and (probs.requires_grad or value_table.requires_grad)) \
+                or probs.shape[-2] * probs.shape[-1] < _PIECES_FROM:
             per_distance = scatter_relative(probs, self.distance_index(q_positions, k_positions), self.num_rows)
             return per_distance @ value_table
-        # Without autograd: scatter only the keys near the diagonal (scatter_add is slow per element);
-        # runs of keys that all clip to one row just add their probabilities' sum to that row.
+        # A large block without autograd: scatter only the keys near the diagonal (scatter_add is slow
+        # per element); runs of keys that all clip to one row just add their probabilities' sum to it.
         per_distance = probs.new_zeros(*probs.shape[:3], self.num_rows)
-        pieces = shared_row_pieces(q_positions, k_positions, self.row_range, max(64, probs.shape[-2]))
+        pieces = shared_row_pieces(q_positions, k_positions, self.row_range, max(_PIECE_KEYS, probs.shape[-2]))
         for start, stop, first, last in pieces:
             piece = probs[..., start:stop]
             if first == last:
