@@ -60,3 +60,12 @@ def check_tensor(name: str, value: Any, *, ndim: int | None = None, floating: bo
     if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor (positions are exact integers), got dtype {value.dtype}")
     return value
+
+
+def resolve_head_dim(dim: int, num_heads: int, head_dim: int | None) -> int:
+    """``head_dim`` if given, else ``dim // num_heads`` (which must divide evenly)."""
+    if head_dim is None:
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) when head_dim is not given")
+        head_dim = dim // num_heads
+    return check_int("head_dim", head_dim, minimum=1)

@@ -34,7 +34,7 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int
+from posemb._validation import check_int, resolve_head_dim
 from posemb.functional.buckets import deberta_log_bucket
 from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key, shared_row_pieces
 from posemb.registry import register
@@ -106,12 +106,7 @@ class DeBERTaRelative(PositionalScheme):
         super().__init__()
         self.dim = check_int("dim", dim, minimum=1)
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) "
-                                 "when head_dim is not given")
-            head_dim = dim // num_heads
-        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.head_dim = head_dim = resolve_head_dim(dim, num_heads, head_dim)
         self.max_relative_positions = check_int("max_relative_positions", max_relative_positions, minimum=1)
         self.position_buckets = check_int("position_buckets", position_buckets, minimum=-1)
         if position_buckets == 1:

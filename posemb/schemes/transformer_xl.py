@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_even, check_float, check_int
+from posemb._validation import check_even, check_float, check_int, resolve_head_dim
 from posemb.functional.relative import (DistanceTable, consecutive_offset, distance_bounds, distinct_distances,
                                         gather_relative, query_minus_key, toeplitz_scores)
 from posemb.registry import register
@@ -62,12 +62,7 @@ class TransformerXLRelative(PositionalScheme):
         super().__init__()
         self.dim = check_even("dim", dim)
         self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        if head_dim is None:
-            if dim % num_heads:
-                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads}) "
-                                 "when head_dim is not given")
-            head_dim = dim // num_heads
-        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.head_dim = head_dim = resolve_head_dim(dim, num_heads, head_dim)
         self.base = check_float("base", base, minimum=1.0, strict_minimum=True)
         self.r_proj = nn.Linear(dim, num_heads * head_dim, bias=False)  # W_{k,R}
         # std 0.02 like the official code's init_std.
