@@ -17,7 +17,11 @@ Back ends (:func:`select_backend`):
 ========== ================================= ==============================================
 name       when                              what
 ========== ================================= ==============================================
-cpu        CPU tensors                       eager chunked, in-place/``out=``: no allocation
+compiled   CPU tensors, once the optional C++   one compiled pass per row, reads and writes x
+           kernel is loaded in this process   once (``rotary_compiled.py``); load it with
+                                             ``posemb.kernels.load_compiled_cpu()`` or set
+                                             ``POSEMB_COMPILED_KERNELS=1``
+cpu        CPU tensors otherwise             eager chunked, in-place/``out=``: no allocation
                                              of the size of ``x`` (``rotary_cpu.py``)
 triton     CUDA tensors, triton installed,   one Triton kernel (``rotary_triton.py``)
            dtype not float64
@@ -32,12 +36,14 @@ works too. Gradients with respect to ``cos``/``sin`` go through the reference fo
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from posemb._validation import check_choice, check_tensor
 
-BACKENDS = ("auto", "cpu", "triton", "reference")
+BACKENDS = ("auto", "compiled", "cpu", "triton", "reference")
 
 
 # ---- the plain formula: reference and fallback ------------------------------------------------
@@ -71,15 +77,33 @@ def _triton_available() -> bool:
     return rotary_triton.available()
 
 
+_env_load_tried = False
+
+
+def _compiled_loaded() -> bool:
+    """Whether the compiled CPU kernel is loaded; with ``POSEMB_COMPILED_KERNELS=1`` the first
+    call builds or loads it (compiling takes tens of seconds, so it never happens unasked)."""
+    global _env_load_tried
+    from posemb.kernels import rotary_compiled
+    if rotary_compiled.loaded():
+        return True
+    if not _env_load_tried and os.environ.get("POSEMB_COMPILED_KERNELS", "") == "1":
+        _env_load_tried = True
+        return rotary_compiled.load(build=True)
+    return False
+
+
 def select_backend(x: Tensor) -> str:
     """The back end :func:`apply_rotary` uses for ``x`` with ``backend="auto"``.
 
-    Under ``torch.compile`` tracing the reference formula is used: inductor fuses it into one
-    kernel, and the eager kernels' pointer checks would only break the graph."""
+    On CPU: ``"compiled"`` when the optional C++ kernel is already loaded in this process (see
+    ``posemb.kernels.load_compiled_cpu``), else ``"cpu"``. Under ``torch.compile`` tracing the
+    reference formula is used: inductor fuses it into one kernel, and the eager kernels' pointer
+    checks would only break the graph."""
     if torch.compiler.is_compiling():
         return "reference"
     if x.device.type == "cpu":
-        return "cpu"
+        return "compiled" if _compiled_loaded() else "cpu"
     if x.device.type == "cuda" and x.dtype != torch.float64 and _triton_available():
         return "triton"
     return "reference"
@@ -87,6 +111,9 @@ def select_backend(x: Tensor) -> str:
 
 def _run_kernel(backend: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, interleaved: bool,
                 sign: float) -> Tensor:
+    if backend == "compiled":
+        from posemb.kernels.rotary_compiled import rotate_compiled
+        return rotate_compiled(x, cos, sin, out, interleaved=interleaved, sign=sign)
     if backend == "cpu":
         from posemb.kernels.rotary_cpu import rotate_cpu
         return rotate_cpu(x, cos, sin, out, interleaved=interleaved, sign=sign)
@@ -176,7 +203,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Fal
             not be a leaf that requires grad, nor one of several views returned by ``unbind``/``split``.
         out: write into this preallocated tensor (x's shape, dtype, device) and return it; not
             differentiable, like PyTorch's own ``out=``.
-        backend: ``"auto"`` (see :func:`select_backend`), ``"cpu"``, ``"triton"`` or ``"reference"``.
+        backend: ``"auto"`` (see :func:`select_backend`), ``"compiled"`` (CPU, after
+            ``posemb.kernels.load_compiled_cpu()``), ``"cpu"``, ``"triton"`` or ``"reference"``.
 
     Returns the rotated tensor in ``x.dtype``: ``x`` itself (inplace), ``out``, or a new tensor.
     """
@@ -224,6 +252,11 @@ def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool,
         backend = select_backend(x)
     elif backend == "cpu" and x.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {x.device}")
+    elif backend == "compiled" and x.device.type != "cpu":
+        raise ValueError(f"backend='compiled' needs CPU tensors, got {name} on {x.device}")
+    elif backend == "compiled" and not _compiled_loaded():
+        raise ValueError("backend='compiled' needs the compiled CPU kernel: call "
+                         "posemb.kernels.load_compiled_cpu() first (or set POSEMB_COMPILED_KERNELS=1)")
     elif backend == "triton" and not _triton_available():
         raise ValueError("backend='triton' needs triton, which is not installed")
     if out is not None:
