@@ -5,7 +5,11 @@ Sections (``--sections``, default all):
 * ``rope``: applying RoPE to q and k. posemb's fused kernel (in place, ``out=``, out of place)
   against Hugging Face transformers' ``apply_rotary_pos_emb``, torchtune's and
   rotary-embedding-torch's RoPE (each when installed), posemb's plain reference, and two floors:
-  ``copy_`` into a preallocated buffer and a fresh allocation plus copy.
+  ``copy_`` into a preallocated buffer and a fresh allocation plus copy. posemb's CPU rows come
+  twice: the eager chunked path (``posemb in place`` ...) and, unless ``--no-compiled``, the
+  optional compiled one-pass kernel (``... (compiled)``), which the section builds or loads first
+  (timed separately; a build takes tens of seconds once per machine). Targets use the faster of
+  the two and say which.
 * ``relative``: Shaw, Transformer-XL and DeBERTa attention (the content site, forward, no grad):
   time and peak memory against plain causal SDPA and against a naive version that materialises
   the (Lq, Lk, head_dim) relative tensors.
@@ -120,7 +124,33 @@ def _rotary_embedding_torch(head_dim: int):
     return RotaryEmbedding(dim=head_dim)
 
 
-def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
+def _load_compiled_rope() -> dict[str, Any]:
+    """Build or load the compiled CPU RoPE kernel, timing it apart from everything else."""
+    import warnings
+
+    from posemb.kernels import rotary_compiled
+    cached = rotary_compiled.is_built()
+    was_loaded = rotary_compiled.loaded()
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = rotary_compiled.load(build=True)
+    return {"loaded": ok, "seconds": round(time.perf_counter() - started, 2),
+            "how": "already loaded" if was_loaded else ("loaded from cache" if cached else "compiled"),
+            "warning": "; ".join(str(w.message) for w in caught) or None}
+
+
+def bench_rope(quick: bool, repeats: int, compiled: bool = True) -> dict[str, Any]:
+    from posemb.kernels import rotary_compiled
+    was_loaded = rotary_compiled.loaded()
+    try:
+        return _bench_rope(quick, repeats, compiled)
+    finally:  # in-process callers keep their own selection: auto picks compiled only if they loaded it
+        if not was_loaded:
+            rotary_compiled.unload()
+
+
+def _bench_rope(quick: bool, repeats: int, compiled: bool) -> dict[str, Any]:
     from posemb.functional.rope import apply_rotary as reference_rotary
     from posemb.functional.rope import rotary_cos_sin
     from posemb.kernels import apply_rotary_qk
@@ -129,6 +159,11 @@ def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
     dtypes = [torch.float32, torch.bfloat16]
     hf_apply = _hf_apply_rotary()
     rows, notes = [], []
+    compiled_info = _load_compiled_rope() if compiled else {"loaded": False, "how": "skipped (--no-compiled)"}
+    if compiled_info["loaded"]:
+        notes.append(f"compiled CPU kernel {compiled_info['how']} in {compiled_info['seconds']} s (not in any timing)")
+    else:
+        notes.append(f"compiled CPU kernel not timed: {compiled_info.get('warning') or compiled_info['how']}")
     if hf_apply is None:
         notes.append("transformers not installed: its apply_rotary_pos_emb skipped")
     for shape in shapes:
@@ -152,12 +187,25 @@ def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
             functions: dict[str, Callable[[], Any]] = {
                 "copy floor (copy_ into buffers)": lambda: (out_q.copy_(q), out_k.copy_(k)),
                 "alloc + copy (clone)": lambda: (q.clone(), k.clone()),
-                "posemb in place": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True),
-                "posemb out=": lambda: apply_rotary_qk(q, k, cos, sin, out=(out_q, out_k)),
-                "posemb out of place": lambda: apply_rotary_qk(q, k, cos, sin),
-                "posemb in place, interleaved": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True, interleaved=True),
+                # The eager chunked CPU path, named explicitly so loading the compiled kernel
+                # (which auto would then pick) does not change what these rows measure.
+                "posemb in place": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True, backend="cpu"),
+                "posemb out=": lambda: apply_rotary_qk(q, k, cos, sin, out=(out_q, out_k), backend="cpu"),
+                "posemb out of place": lambda: apply_rotary_qk(q, k, cos, sin, backend="cpu"),
+                "posemb in place, interleaved": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True, interleaved=True,
+                                                                        backend="cpu"),
                 "posemb reference (functional)": lambda: (reference_rotary(q, cos, sin), reference_rotary(k, cos, sin)),
             }
+            if compiled_info["loaded"]:
+                functions.update({
+                    "posemb in place (compiled)": lambda: apply_rotary_qk(q, k, cos, sin, inplace=True,
+                                                                          backend="compiled"),
+                    "posemb out= (compiled)": lambda: apply_rotary_qk(q, k, cos, sin, out=(out_q, out_k),
+                                                                      backend="compiled"),
+                    "posemb out of place (compiled)": lambda: apply_rotary_qk(q, k, cos, sin, backend="compiled"),
+                    "posemb in place, interleaved (compiled)": lambda: apply_rotary_qk(
+                        q, k, cos, sin, inplace=True, interleaved=True, backend="compiled"),
+                })
             if hf_apply is not None:
                 functions["transformers apply_rotary_pos_emb"] = lambda: hf_apply(q, k, cos_hf, sin_hf)
             if tune is not None:
@@ -174,7 +222,9 @@ def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
             times = time_interleaved(functions, repeats)
             floor = _median_ms(times["copy floor (copy_ into buffers)"])
             alloc = _median_ms(times["alloc + copy (clone)"])
-            inplace = _median_ms(times["posemb in place"])
+            # Speed-ups are stated against posemb's fastest in-place path (compiled when loaded).
+            inplace = min(_median_ms(times[name]) for name in ("posemb in place", "posemb in place (compiled)")
+                          if name in times)
             for name, seconds in times.items():
                 median = _median_ms(seconds)
                 rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
@@ -182,7 +232,7 @@ def bench_rope(quick: bool, repeats: int) -> dict[str, Any]:
                              "x_floor": round(median / floor, 3), "x_alloc_copy": round(median / alloc, 3),
                              "x_posemb_inplace": round(median / inplace, 3)})
             rows[-1]["max_abs_diff_vs_transformers"] = max_diff
-    return {"rows": rows, "notes": notes}
+    return {"rows": rows, "notes": notes, "compiled": compiled_info}
 
 
 # ---- relative attention (content site) -------------------------------------------------------------
@@ -409,15 +459,27 @@ def _targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
         groups: dict[tuple, dict[str, dict]] = {}
         for row in rope["rows"]:
             groups.setdefault((tuple(row["shape"]), row["dtype"]), {})[row["impl"]] = row
+
+        def best(impls, name):
+            """posemb's faster path for one mode: (row, 'compiled' or 'eager')."""
+            choices = [(impls[name], "eager")]
+            if f"{name} (compiled)" in impls:
+                choices.append((impls[f"{name} (compiled)"], "compiled"))
+            return min(choices, key=lambda choice: choice[0]["median_ms"])
+
         for (shape, dtype), impls in groups.items():
             where = f"{_shape_text(shape)} {dtype}"
-            add(f"rope in place / copy floor, {where}", impls["posemb in place"]["x_floor"], "<=", 1.3, "q and k")
-            add(f"rope out= / copy floor, {where}", impls["posemb out="]["x_floor"], "<=", 1.3, "q and k")
+            row, path = best(impls, "posemb in place")
+            add(f"rope in place / copy floor, {where}", row["x_floor"], "<=", 1.3, f"q and k; {path} path")
+            row, path = best(impls, "posemb out=")
+            add(f"rope out= / copy floor, {where}", row["x_floor"], "<=", 1.3, f"q and k; {path} path")
             if "transformers apply_rotary_pos_emb" in impls:
+                _, path = best(impls, "posemb in place")
                 add(f"transformers / posemb in place, {where}",
-                    impls["transformers apply_rotary_pos_emb"]["x_posemb_inplace"], ">=", 5.0, "speed-up")
-            add(f"rope out of place / (alloc + copy), {where}", impls["posemb out of place"]["x_alloc_copy"], "<=", 1.0,
-                "one allocation plus copy")
+                    impls["transformers apply_rotary_pos_emb"]["x_posemb_inplace"], ">=", 5.0, f"speed-up; {path} path")
+            row, path = best(impls, "posemb out of place")
+            add(f"rope out of place / (alloc + copy), {where}", row["x_alloc_copy"], "<=", 1.0,
+                f"one allocation plus copy; {path} path")
     relative = sections.get("relative")
     if relative:
         longest = max(row["length"] for row in relative["rows"])
@@ -444,9 +506,9 @@ def format_table(results: dict[str, Any]) -> str:
     sections = results["sections"]
     if "rope" in sections:
         lines.append("\nRoPE on q and k (median ms; x floor = / copy_ into buffers)")
-        lines.append(f"{'shape':<18}{'dtype':<10}{'implementation':<40}{'ms':>10}{'x floor':>9}{'x alloc':>9}")
+        lines.append(f"{'shape':<18}{'dtype':<10}{'implementation':<42}{'ms':>10}{'x floor':>9}{'x alloc':>9}")
         for row in sections["rope"]["rows"]:
-            lines.append(f"{_shape_text(row['shape']):<18}{row['dtype']:<10}{row['impl']:<40}{row['median_ms']:>10.2f}"
+            lines.append(f"{_shape_text(row['shape']):<18}{row['dtype']:<10}{row['impl']:<42}{row['median_ms']:>10.2f}"
                          f"{row['x_floor']:>9.2f}{row['x_alloc_copy']:>9.2f}")
     if "relative" in sections:
         lines.append("\nRelative attention, content site, forward, no grad (B=1, H=8, d=64, causal, fp32)")
@@ -476,11 +538,14 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("\nTargets")
         for target in results["targets"]:
             met = {True: "met", False: "NOT met", None: "n/a (quick)" if results["quick"] else "n/a"}[target["met"]]
-            lines.append(f"  {target['name']:<62} {str(target['value']):>8}  target {target['target']:<7} {met}")
+            path = next((part.strip() for part in target["detail"].split(";") if part.strip().endswith(" path")), "")
+            lines.append(f"  {target['name']:<62} {str(target['value']):>8}  target {target['target']:<7} {met}"
+                         + (f"  ({path})" if path else ""))
     return "\n".join(lines)
 
 
-def run(sections: list[str], *, quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
+def run(sections: list[str], *, quick: bool = False, repeats: int | None = None,
+        compiled: bool = True) -> dict[str, Any]:
     """Run the chosen sections and return the results (what ``--output`` writes as JSON)."""
     from posemb import __version__
 
@@ -493,7 +558,10 @@ def run(sections: list[str], *, quick: bool = False, repeats: int | None = None)
         "cpu_count": os.cpu_count(), "quick": quick, "repeats": repeats, "sections": {},
     }
     for section in sections:
-        results["sections"][section] = runners[section](quick, repeats)
+        if section == "rope":
+            results["sections"][section] = bench_rope(quick, repeats, compiled=compiled)
+        else:
+            results["sections"][section] = runners[section](quick, repeats)
     results["targets"] = _targets(results["sections"])
     if quick:
         # The issue's targets are stated for the full shapes; quick shapes are too small to judge them.
@@ -522,7 +590,7 @@ def _handle(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        results = run(args.sections, quick=args.quick, repeats=args.repeats)
+        results = run(args.sections, quick=args.quick, repeats=args.repeats, compiled=not args.no_compiled)
     finally:  # a caller in the same process (tests, notebooks) keeps its own setting
         torch.set_num_threads(previous_threads)
     print(format_table(results))
@@ -543,5 +611,7 @@ def add_parser(subparsers) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7; quick 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="rope: do not build/load the optional compiled CPU kernel (eager rows only)")
     parser.add_argument("--output", default="posemb-bench.json", help="where to write the JSON (default: %(default)s)")
     parser.set_defaults(handler=_handle)

@@ -27,9 +27,8 @@ def compiled():
     if not ok:
         pytest.skip("compiled CPU RoPE kernel could not be built: "
                     + "; ".join(str(w.message) for w in caught))
-    module = rotary_compiled._module
-    yield module
-    rotary_compiled._module = None
+    yield rotary_compiled._module
+    rotary_compiled.unload()
 
 
 def _tables(batch, length, half, *, offset=0, seed=0):

@@ -190,6 +190,11 @@ def build_directory() -> str:
     return os.path.join(root, _NAME)
 
 
+def is_built() -> bool:
+    """Whether a build of this kernel version is in the cache (then loading takes well under a second)."""
+    return os.path.exists(os.path.join(build_directory(), f"{_NAME}.so"))
+
+
 def loaded() -> bool:
     """Whether the compiled kernel is loaded in this process (``auto`` then selects it)."""
     return _module is not None
@@ -210,7 +215,7 @@ def load(build: bool = True) -> bool:
         if _module is not None:
             return True
         directory = build_directory()
-        if not build and not os.path.exists(os.path.join(directory, f"{_NAME}.so")):
+        if not build and not is_built():
             return False
         import time
         start = time.perf_counter()
@@ -231,6 +236,13 @@ def load(build: bool = True) -> bool:
         last_load_seconds = time.perf_counter() - start
         _module = module
         return True
+
+
+def unload() -> None:
+    """Stop using the kernel in this process (``auto`` reverts to the eager path). The shared
+    library stays mapped, so a later :func:`load` is immediate."""
+    global _module
+    _module = None
 
 
 def supports(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor) -> bool:
