@@ -158,9 +158,24 @@ def test_auto_picks_compiled_once_loaded(compiled, monkeypatch):
     cos, sin = _tables(1, 3, 4)
     apply_rotary(x, cos, sin, inplace=True)
     assert calls == [torch.float32]
+    # Interleaved float32/float64 stays on the eager complex multiplication; bf16 goes compiled.
+    apply_rotary(x, cos, sin, interleaved=True)
+    apply_rotary(x.double(), cos, sin, interleaved=True)
+    assert calls == [torch.float32]
+    apply_rotary(x.bfloat16(), cos, sin, interleaved=True)
+    assert calls == [torch.float32, torch.bfloat16]
     # Not loaded: auto falls back to the eager path and an explicit request says what to do.
     monkeypatch.setattr(rotary_compiled, "_module", None)
     monkeypatch.setenv("POSEMB_COMPILED_KERNELS", "0")
     assert select_backend(x) == "cpu"
     with pytest.raises(ValueError, match="load_compiled_cpu"):
         apply_rotary(x, cos, sin, backend="compiled")
+
+
+def test_environment_variable_loads_on_first_cpu_call(compiled, monkeypatch):
+    from posemb.kernels import rotary
+    monkeypatch.setattr(rotary_compiled, "_module", None)
+    monkeypatch.setattr(rotary, "_env_load_tried", False)
+    monkeypatch.setenv("POSEMB_COMPILED_KERNELS", "1")
+    assert select_backend(torch.randn(1, 1, 2, 4)) == "compiled"  # loads the session's build from the cache
+    assert rotary_compiled.loaded()

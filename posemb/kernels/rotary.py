@@ -97,7 +97,8 @@ def select_backend(x: Tensor) -> str:
     """The back end :func:`apply_rotary` uses for ``x`` with ``backend="auto"``.
 
     On CPU: ``"compiled"`` when the optional C++ kernel is already loaded in this process (see
-    ``posemb.kernels.load_compiled_cpu``), else ``"cpu"``. Under ``torch.compile`` tracing the
+    ``posemb.kernels.load_compiled_cpu``), else ``"cpu"`` (and :func:`apply_rotary` keeps
+    ``"cpu"`` for interleaved float32/float64, a single complex multiplication there). Under ``torch.compile`` tracing the
     reference formula is used: inductor fuses it into one kernel, and the eager kernels' pointer
     checks would only break the graph."""
     if torch.compiler.is_compiling():
@@ -250,6 +251,10 @@ def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool,
         raise ValueError("pass either inplace=True or out=, not both")
     if backend == "auto":
         backend = select_backend(x)
+        if backend == "compiled" and interleaved and x.dtype in (torch.float32, torch.float64):
+            # The eager path does this case as one complex multiplication, which measured as fast
+            # as the compiled loop on large tensors and faster on small rows (docs/performance.md).
+            backend = "cpu"
     elif backend == "cpu" and x.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {x.device}")
     elif backend == "compiled" and x.device.type != "cpu":
