@@ -145,7 +145,9 @@ void run(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& cos, c
   T* op = static_cast<T*>(out.data_ptr());
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  const bool copy_tail = (xp != op) && (2 * rh < D);
+  // In place means the very same elements (pointer and strides); only then is the tail already there.
+  const bool same = xp == op && xs0 == os0 && xs1 == os1 && xs2 == os2;
+  const bool copy_tail = !same && (2 * rh < D);
   const C sg = static_cast<C>(sign);
   const int64_t rows = B * H * L;
   // Grain: about 32 KiB of x per task so threads share the work evenly without overhead.
@@ -157,7 +159,7 @@ void run(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& cos, c
       const float* c = cp + b * cb + l * rh;
       const float* s = sp + b * cb + l * rh;
       rotate_row<K>(xp + b * xs0 + h * xs1 + l * xs2, op + b * os0 + h * os1 + l * os2, c, s, rh, D,
-                       interleaved, sg, copy_tail, b1.data(), b2.data());
+                    interleaved, sg, copy_tail, b1.data(), b2.data());
     }
   });
 }
@@ -185,7 +187,7 @@ torch::Tensor rotate(torch::Tensor x, torch::Tensor out, torch::Tensor cos, torc
 _CPP_DECL = ("torch::Tensor rotate(torch::Tensor x, torch::Tensor out, torch::Tensor cos, torch::Tensor sin, "
              "bool interleaved, double sign);")
 
-_NAME = "posemb_rotary_cpu_v6"
+_NAME = "posemb_rotary_cpu_v7"
 _lock = threading.Lock()
 _module = None
 _failed: str | None = None
