@@ -208,6 +208,20 @@ def is_built() -> bool:
     return os.path.exists(os.path.join(build_directory(), f"{_NAME}.so"))
 
 
+def _put_pip_ninja_on_path() -> None:
+    """torch's builder runs ``ninja`` from PATH. The ``ninja`` wheel (a test/bench extra) installs it
+    into the environment's bin folder, which is not on PATH when Python is called by its full path
+    (``.venv/bin/python -m pytest``), so add that folder if ninja is not found otherwise."""
+    import shutil
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def loaded() -> bool:
     """Whether the compiled kernel is loaded in this process (``auto`` then selects it)."""
     return _module is not None
@@ -234,6 +248,7 @@ def load(build: bool = True) -> bool:
         start = time.perf_counter()
         try:
             from torch.utils import cpp_extension
+            _put_pip_ninja_on_path()
             os.makedirs(directory, exist_ok=True)
             module = cpp_extension.load_inline(
                 name=_NAME, cpp_sources=[_CPP_DECL, _CPP_SOURCE], functions=["rotate"],
