@@ -40,7 +40,7 @@ from posemb.lab.evaluate import (ROPE_VARIANTS, lm_loss_at_length, passkey_at_le
 from posemb.lab.progress import StudyLog, format_seconds
 from posemb.lab.report import write_report
 from posemb.lab.train import (ModelConfig, TrainConfig, barrier, build_model, dist_info, init_distributed,
-                              resolve_device, train_model)
+                              resolve_device, shutdown_distributed, train_model)
 from posemb.registry import available, scheme_class
 
 TASKS = ("lm", "passkey")
@@ -461,8 +461,7 @@ def _handle(args: argparse.Namespace) -> int:
             print(f"report: {Path(result['out']) / 'report.md'} (wall time {format_seconds(result['wall_seconds'])}; "
                   f"trained {result['trained_now']}, reused {result['reused']})")
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_distributed(wait=sys.exc_info()[0] is None)
     return 0
 
 

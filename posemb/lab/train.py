@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -185,6 +186,18 @@ def resolve_device(device: str) -> str:
     elif device != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return device
+
+
+def shutdown_distributed(*, wait: bool = True) -> None:
+    """Leave the process group: wait for every rank (``wait``), then destroy it. Without the
+    barrier one rank could tear down gloo while its peer still used the connection, and gloo's
+    background thread then aborted the process at exit ("terminate called without an active
+    exception", seen in about half of 2-process CPU runs). After an error, ``wait=False``: the
+    other ranks may never reach the barrier."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -365,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if identical else 1
     finally:
         if info.active:
-            dist.destroy_process_group()
+            shutdown_distributed(wait=sys.exc_info()[0] is None)
 
 
 if __name__ == "__main__":
