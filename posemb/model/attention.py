@@ -56,7 +56,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_p
     if site == "content":
         return _content_attention(q, k, v, scheme, q_positions, k_positions, causal=causal)
     if site == "bias" and bias_path != "dense":
-        from posemb.kernels.flex import bias_attention  # layer 3; imported lazily to keep imports light
+        from posemb.kernels.flex import bias_attention  # kernels layer; imported lazily to keep imports light
 
         fast = bias_attention(q, k, v, scheme, q_positions, k_positions, causal=causal, path=bias_path)
         if fast is not None:
