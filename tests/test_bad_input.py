@@ -97,3 +97,34 @@ def test_cache_must_come_from_the_model():
     model = posemb.TransformerLM(16, 32, 1, 2, scheme="nope")
     with pytest.raises(TypeError, match="cache must be a KVCache"):
         model(torch.randint(0, 16, (1, 3)), cache={})
+
+
+def test_attention_positions_are_checked_for_every_site():
+    for scheme in (None, posemb.build("alibi", num_heads=4), posemb.build("shaw", head_dim=8, num_heads=4)):
+        attention = MultiHeadAttention(32, 4, scheme)
+        x = torch.randn(1, 3, 32)
+        with pytest.raises(ValueError, match=r"positions must have shape \(batch, seq\) = \(1, 3\)"):
+            attention(x, torch.arange(5)[None])
+        with pytest.raises(TypeError, match="positions must be an integer tensor"):
+            attention(x, torch.zeros(1, 3))
+        with pytest.raises(ValueError, match="positions must have 2 dimensions"):
+            attention(x, torch.arange(3))
+
+
+def test_decoding_with_another_batch_size_is_refused():
+    model = posemb.TransformerLM(16, 32, 1, 2, scheme="nope")
+    cache = model.new_cache()
+    model(torch.randint(0, 16, (2, 3)), cache=cache)
+    with pytest.raises(ValueError, match="cache holds 2 sequences, tokens has 1"):
+        model(torch.randint(0, 16, (1, 1)), cache=cache)
+
+
+def test_generate_arguments_are_checked():
+    model = posemb.TransformerLM(16, 32, 1, 2, scheme="nope")
+    prompt = torch.randint(0, 16, (1, 3))
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate(prompt, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        model.generate(prompt, 2, top_k=0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        posemb.TransformerLM(16, 32, 1, 2, scheme="nope", causal="no")

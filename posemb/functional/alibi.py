@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from posemb._validation import check_int
+from posemb.functional.relative import key_minus_query
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -33,5 +34,5 @@ def alibi_bias(slopes: Tensor, q_positions: Tensor, k_positions: Tensor, *, caus
     For a causal model only keys j <= i are visible, so this equals the paper's ``m * (j - i)``;
     bidirectionally the symmetric ``-m |i - j|`` is used.
     """
-    distance = (k_positions[:, None, :] - q_positions[:, :, None]).abs().to(torch.float32)
+    distance = key_minus_query(q_positions, k_positions).abs().to(torch.float32)
     return -slopes.to(torch.float32)[None, :, None, None] * distance[:, None]

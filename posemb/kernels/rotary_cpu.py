@@ -72,6 +72,18 @@ def _complex_view(x: Tensor, rotary: int) -> Tensor | None:
     return torch.view_as_complex(pairs)[..., : rotary // 2]
 
 
+def _rotate_pairs_inplace(x1: Tensor, x2: Tensor, cos: Tensor, sin: Tensor, sign: float) -> None:
+    """Rotate the pair halves ``x1``, ``x2`` (same dtype as cos/sin) in place. x1 is overwritten
+    first, so x1*sin goes to a chunk-sized scratch (it stays in cache); four passes:
+    ``sc = x1 s;  x1 = x1 c - x2 s;  x2 = sc + x2 c`` (signs flipped for the inverse)."""
+    scratch = _scratch_buffer("pair", x1.numel(), x1.dtype).view(x1.shape)
+    torch.mul(x1, sin, out=scratch)
+    x1.mul_(cos).addcmul_(x2, sin, value=-sign)
+    if sign < 0:
+        scratch.neg_()
+    torch.addcmul(scratch, x2, cos, out=x2)
+
+
 def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int, interleaved: bool,
                   sign: float, phase: Tensor | None) -> None:
     """Rotate one chunk ``x`` (b, H, l, D) into ``out`` (may be ``x``); cos/sin/phase are (b|1, 1, l, r/2)."""
@@ -81,14 +93,7 @@ def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int,
         # Interleaved float32/float64 arrives here only when its strides forbid a complex view.
         x1, x2 = _pairs(x, rotary, interleaved)
         if inplace:
-            # x1 is overwritten first, so x1*sin goes to a chunk-sized scratch (it stays in cache);
-            # four passes: sc = x1 s;  x1 = x1 c - x2 s;  x2 = sc + x2 c.
-            scratch = _scratch_buffer("pair", x1.numel(), compute).view(x1.shape)
-            torch.mul(x1, sin, out=scratch)
-            x1.mul_(cos).addcmul_(x2, sin, value=-sign)
-            if sign < 0:
-                scratch.neg_()
-            torch.addcmul(scratch, x2, cos, out=x2)
+            _rotate_pairs_inplace(x1, x2, cos, sin, sign)
             return
         o1, o2 = _pairs(out, rotary, interleaved)
         torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
@@ -104,13 +109,7 @@ def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int,
     if interleaved and phase is not None:
         torch.view_as_complex(work.unflatten(-1, (rotary // 2, 2))).mul_(phase)
     else:
-        w1, w2 = _pairs(work, rotary, interleaved)
-        scratch = _scratch_buffer("pair", w1.numel(), compute).view(w1.shape)
-        torch.mul(w1, sin, out=scratch)
-        w1.mul_(cos).addcmul_(w2, sin, value=-sign)
-        if sign < 0:
-            scratch.neg_()
-        torch.addcmul(scratch, w2, cos, out=w2)
+        _rotate_pairs_inplace(*_pairs(work, rotary, interleaved), cos, sin, sign)
     out[..., :rotary].copy_(work)
     if not inplace and rotary < x.shape[-1]:
         out[..., rotary:].copy_(x[..., rotary:])

@@ -269,6 +269,8 @@ class MultiHeadAttention(nn.Module):
         check_int("num_heads", num_heads, minimum=1)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.causal = causal
         self.scheme = scheme
@@ -280,6 +282,10 @@ class MultiHeadAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
         batch, length, _ = x.shape
+        check_tensor("positions", positions, ndim=2, integer=True)
+        if tuple(positions.shape) != (batch, length):
+            raise ValueError(f"positions must have shape (batch, seq) = {(batch, length)} like x, "
+                             f"got {tuple(positions.shape)}")
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scheme = self.scheme
         site = "none" if scheme is None else scheme.site

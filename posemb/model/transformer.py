@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int, check_tensor
+from posemb._validation import check_float, check_int, check_tensor
 from posemb.model.attention import MultiHeadAttention
 from posemb.model.cache import KVCache, LayerCache
 from posemb.registry import build_for_model, scheme_class
@@ -67,6 +67,8 @@ class TransformerLM(nn.Module):
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.vocab_size, self.dim, self.depth, self.heads = vocab_size, dim, depth, heads
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
         self.causal = causal
         self.exact_decoding = bool(exact_decoding)
         self.scheme_name = scheme
@@ -121,11 +123,14 @@ class TransformerLM(nn.Module):
             raise ValueError("tokens must contain at least one position, got shape "
                              f"{tuple(tokens.shape)}")
         if not torch.compiler.is_compiling():
-            low, high = int(tokens.min()), int(tokens.max())
+            low, high = torch.stack(torch.aminmax(tokens)).tolist()
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in [{low}, {high}]")
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a KVCache from model.new_cache(), got {type(cache).__name__}")
+        if cache is not None and cache.next_position is not None and cache.next_position.shape[0] != batch:
+            raise ValueError(f"batch size changed during decoding: the cache holds {cache.next_position.shape[0]} "
+                             f"sequences, tokens has {batch}; start a new cache with model.new_cache()")
         if positions is None:
             start = 0 if cache is None or cache.next_position is None else cache.next_position
             offsets = torch.arange(length, device=tokens.device)
@@ -173,6 +178,9 @@ class TransformerLM(nn.Module):
                  top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Sample ``max_new_tokens`` after ``prompt`` (batch, seq) with the KV cache; temperature 0 is greedy."""
         check_int("max_new_tokens", max_new_tokens, minimum=0)
+        check_float("temperature", temperature, minimum=0.0)
+        if top_k is not None:
+            check_int("top_k", top_k, minimum=1)
         cache = self.new_cache()
         logits = self(prompt, cache=cache)[:, -1]
         out = [prompt]

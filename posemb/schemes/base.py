@@ -42,6 +42,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from posemb.functional.relative import key_minus_query
+
 SITES = ("none", "input", "rotation", "bias", "content")
 FAMILIES = ("none", "absolute", "relative", "rotary")
 
@@ -127,6 +129,5 @@ def sum_relative_logits(extra: Tensor | tuple[Tensor, ...] | None, q_len: int, k
     return total.expand(*total.shape[:-2], q_len, k_len)
 
 
-def relative_distance(q_positions: Tensor, k_positions: Tensor) -> Tensor:
-    """``j - i`` for every (query i, key j): shape (batch, Lq, Lk), key position minus query position."""
-    return k_positions[:, None, :] - q_positions[:, :, None]
+# ``j - i`` (key position minus query position), shape (batch, Lq, Lk); one definition, in the math layer.
+relative_distance = key_minus_query
