@@ -44,4 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _code = main()
+    from posemb.lab.train import exit_now, launched_by_torchrun
+    if launched_by_torchrun():  # see exit_now: gloo could abort a finished worker at exit
+        exit_now(_code)
+    raise SystemExit(_code)

@@ -381,5 +381,18 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed(wait=sys.exc_info()[0] is None)
 
 
+def exit_now(code: int) -> None:
+    """End a ``torchrun`` worker without running C++ static destructors. Even after a barrier and
+    ``destroy_process_group``, gloo's threads were sometimes torn down in the wrong order at
+    interpreter exit and the process aborted ("terminate called without an active exception",
+    exit -6) after all of its work was done and written. Flushing and ``os._exit`` skips that."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _code = main()
+    if launched_by_torchrun():
+        exit_now(_code)
+    raise SystemExit(_code)
