@@ -41,6 +41,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from posemb.lab.checkpoint import atomic_write_bytes
+from posemb.lab.outdir import check_writable_file
+
 SECTIONS = ("rope", "relative", "bias", "train")
 
 
@@ -564,7 +567,7 @@ def run(sections: list[str], *, quick: bool = False, repeats: int | None = None,
             results["sections"][section] = runners[section](quick, repeats)
     results["targets"] = _targets(results["sections"])
     if quick:
-        # The targets are stated for the full shapes; quick shapes are too small to judge them.
+        # The targets are stated for the full shapes; quick shapes are too small to judge them.
         for target in results["targets"]:
             target["met"] = None
             target["detail"] += "; quick shapes: indicative only, rerun without --quick"
@@ -582,10 +585,11 @@ def _sections_argument(text: str) -> list[str]:
 
 
 def _handle(args: argparse.Namespace) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.repeats is not None and args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and not 1 <= args.threads <= 4096:
+        raise ValueError(f"--threads must be in 1..4096, got {args.threads}")
+    if args.repeats is not None and not 1 <= args.repeats <= 1000:
+        raise ValueError(f"--repeats must be >= 1 and <= 1000, got {args.repeats}")
+    check_writable_file(args.output, "--output")  # before minutes of measuring, not after
     previous_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -594,10 +598,7 @@ def _handle(args: argparse.Namespace) -> int:
     finally:  # a caller in the same process (tests, notebooks) keeps its own setting
         torch.set_num_threads(previous_threads)
     print(format_table(results))
-    directory = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(directory, exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(results, handle, indent=1)
+    atomic_write_bytes(args.output, (json.dumps(results, indent=1) + "\n").encode("utf-8"))
     print(f"\nwrote {args.output} ({results['seconds']} s)")
     return 0
 

@@ -1,14 +1,23 @@
-"""The ``posemb`` command line. Each subcommand lives in its own module with ``add_parser``."""
+"""The ``posemb`` command line. Each subcommand lives in its own module with ``add_parser``.
+
+Errors the user can act on (bad arguments, unusable paths, a full disk, a diverged run, a damaged
+file) are printed as one line, ``posemb COMMAND: error: ...``, naming the argument or the file;
+anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
+from posemb.lab.distributed import exit_process
+from posemb.lab.errors import exit_code, user_message
+
 # Modules that contribute a subcommand (each defines ``add_parser(subparsers)``).
 SUBCOMMAND_MODULES = [
     "posemb.demo",
-    "posemb.lab.study",
+    "posemb.lab.study_command",
+    "posemb.lab.algorithmic.command",
     "posemb.plots",
     "posemb.bench",
 ]
@@ -33,19 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        # Bad input: one clear line, not a traceback.
-        print(f"posemb {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\nposemb {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - user_message decides; anything else is re-raised
+        line = user_message(error)
+        if line is None:
+            raise
+        print(f"posemb {args.command}: error: {line}", file=sys.stderr)
+        return exit_code(error)
     return int(result or 0)
 
 
 if __name__ == "__main__":
-    _code = main()
-    from posemb.lab.train import exit_now, launched_by_torchrun
-    if launched_by_torchrun():  # see exit_now: gloo could abort a finished worker at exit
-        exit_now(_code)
-    raise SystemExit(_code)
+    exit_process(main())

@@ -6,11 +6,18 @@ import time
 
 import torch
 
+from posemb._validation import check_int
 from posemb.registry import available, scheme_class
+
+#: The longest demo input: every scheme runs a forward pass at this length in a few seconds.
+MAX_DEMO_LENGTH = 8192
 
 
 def run_demo(dim: int = 128, depth: int = 2, heads: int = 4, length: int = 256, batch: int = 2) -> list[dict]:
     from posemb.model import TransformerLM
+
+    check_int("length", length, minimum=2, maximum=MAX_DEMO_LENGTH)
+    check_int("batch", batch, minimum=1, maximum=64)
 
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (batch, length))
@@ -41,5 +48,6 @@ def format_table(rows: list[dict]) -> str:
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="build every scheme, run one forward pass, print a table")
-    parser.add_argument("--length", type=int, default=256, help="sequence length (default 256)")
+    parser.add_argument("--length", type=int, default=256,
+                        help=f"sequence length (default 256, at most {MAX_DEMO_LENGTH})")
     parser.set_defaults(handler=lambda args: print(format_table(run_demo(length=args.length))))

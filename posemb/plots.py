@@ -1,26 +1,35 @@
-"""The seed's pictures (``posemb plot ...``): each is a function returning a matplotlib ``Figure``.
+"""Pictures of RoPE's frequencies (``posemb plot ...``): each is a function returning a matplotlib ``Figure``.
 
 =========== ==================================================================================
 name        picture
 =========== ==================================================================================
 cosine      ``cos(position * theta_j)`` against the token index for fast and slow pairs (the
-            seed, section 2.3 "wavelength by region")
+            study notes' picture of RoPE's "wavelength by region")
 llama3      original and Llama 3.1-scaled wavelength per pair, high / medium / low bands
-            shaded, the two wavelength thresholds marked (``formulas.md`` A8)
+            shaded, the two wavelength thresholds marked (Meta's ``apply_scaling``;
+            ``_compute_llama3_parameters`` in transformers' ``modeling_rope_utils.py``)
 schedules   every posemb ``rope_type``'s wavelengths and stretch per pair at one config
 decay       RoPE's long-term decay: ``(1/(d/2)) sum_j |S_j|``, ``S_j = sum_{k<j} e^{i r theta_k}``
             against the relative distance ``r`` (Su et al. 2021, arXiv 2104.09864, §3.4.3, Fig. 2)
 =========== ==================================================================================
 
-Figures are built on matplotlib's object API with the Agg canvas attached explicitly, so this
-module never touches ``pyplot``'s global state or the user's interactive backend. The data
-behind each picture is available from a separate function (``cosine_curves``, ``llama3_data``,
-``schedule_data``, ``rope_decay_bound``) so it can be checked without reading pixels.
+Figures are built on matplotlib's object API with the Agg canvas attached explicitly
+(:func:`posemb.lab.figures.new_figure`), so this module never touches ``pyplot``'s global state or
+the user's interactive backend. The data behind each picture is available from a separate
+function (``cosine_curves``, ``llama3_data``, ``schedule_data``, ``rope_decay_bound``) so it can
+be checked without reading pixels. Sizes are bounded (:data:`MAX_POINTS`, :data:`MAX_HEAD_DIM`):
+a picture of more points than pixels shows nothing more, and a typo must not exhaust memory.
+
+``posemb plot NAME --out FILE`` replaces ``FILE``, which the user named; ``posemb plot all
+--out-dir DIR`` writes ``DIR/NAME.png`` and, like the study, never replaces a file there that
+posemb did not write (or wrote at another ``--dpi``) without ``--force``
+(:class:`posemb.lab.outdir.OutputDir`). Both check that they can write before drawing.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import hashlib
+import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,10 +37,18 @@ import torch
 from torch import Tensor
 
 from posemb._validation import check_choice, check_even, check_float, check_int
+from posemb.lab.figures import new_figure
+from posemb.lab.outdir import OutputDir, check_writable_file
 
 PLOT_NAMES = ("cosine", "llama3", "schedules", "decay")
 SAVE_FORMATS = (".png", ".pdf", ".svg")
 DEFAULT_DPI = 100
+#: At most this many positions or distances along a picture's x axis (far more than its pixels).
+MAX_POINTS = 100_000
+#: At most this head dimension (the largest published models use 128-256).
+MAX_HEAD_DIM = 8192
+#: At most this many curves (pairs, bases) in one picture.
+MAX_CURVES = 64
 
 # Llama 3.1 8B's rope_parameters (HF config.json) and base (Llama 3 paper, arXiv 2407.21783, §3.2).
 LLAMA31_8B = {"base": 500000.0, "head_dim": 128, "factor": 8.0, "low_freq_factor": 1.0,
@@ -43,12 +60,12 @@ __all__ = ["PLOT_NAMES", "LLAMA31_8B", "cosine_curves", "plot_cosine", "llama3_d
 
 
 def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    return new_figure(width, height, layout="constrained")
 
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg, explicitly: no pyplot, no GUI backend
-    return figure
+
+def _check_head_dim(head_dim: int) -> int:
+    check_even("head_dim", head_dim)
+    return check_int("head_dim", head_dim, maximum=MAX_HEAD_DIM)
 
 
 def _ranges(mask: Tensor) -> list[tuple[int, int]]:
@@ -85,8 +102,8 @@ def cosine_curves(*, base: float = 10000.0, head_dim: int = 128, length: int = 2
     and three slow ones spread over ``0 .. head_dim/2 - 1``."""
     from posemb.functional.rope_schedules import default_inv_freq
 
-    check_even("head_dim", head_dim)
-    check_int("length", length, minimum=2)
+    _check_head_dim(head_dim)
+    check_int("length", length, minimum=2, maximum=MAX_POINTS)
     inv_freq = default_inv_freq(head_dim, check_float("base", base))
     if pairs is None:
         fast, slow = _default_pairs(head_dim)
@@ -94,13 +111,15 @@ def cosine_curves(*, base: float = 10000.0, head_dim: int = 128, length: int = 2
     pairs = [check_int("pairs[]", j, minimum=0, maximum=head_dim // 2 - 1) for j in pairs]
     if not pairs:
         raise ValueError("pairs must name at least one pair index, got an empty list")
+    if len(pairs) > MAX_CURVES:
+        raise ValueError(f"pairs must name at most {MAX_CURVES} pair indices, got {len(pairs)}")
     positions = torch.arange(length, dtype=torch.float64)
     return positions, {j: torch.cos(positions * inv_freq[j]) for j in pairs}
 
 
 def plot_cosine(*, base: float = 10000.0, head_dim: int = 128, length: int = 256,
                 pairs: Sequence[int] | None = None):
-    """The seed's picture: ``cos(position * theta_j)`` against the token index. Fast (short
+    """The study notes' picture: ``cos(position * theta_j)`` against the token index. Fast (short
     wavelength) pairs change a lot between neighbours and carry local position; slow pairs barely
     move and carry global position. Default: one panel each; with ``pairs`` given, one panel."""
     from posemb.functional.rope_schedules import default_inv_freq, wavelengths
@@ -141,6 +160,7 @@ def llama3_data(*, base: float = LLAMA31_8B["base"], head_dim: int = LLAMA31_8B[
     ``orig/high_freq_factor`` (below: kept) and ``orig/low_freq_factor`` (above: divided by factor)."""
     from posemb.functional.rope_schedules import compute_inv_freq, default_inv_freq, llama3_bands, wavelengths
 
+    _check_head_dim(head_dim)
     params = {"factor": factor, "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
               "original_max_position_embeddings": original_max_position_embeddings}
     scaled, _ = compute_inv_freq("llama3", head_dim, base, params)
@@ -156,7 +176,8 @@ def llama3_data(*, base: float = LLAMA31_8B["base"], head_dim: int = LLAMA31_8B[
 def plot_llama3(**config):
     """Original and Llama 3.1-scaled wavelength ``2*pi/inv_freq`` per pair (log scale). Pairs with
     wavelength below ``orig/high_freq_factor`` are kept (high band), above ``orig/low_freq_factor``
-    stretched by ``factor`` (low band), blended in between (Meta ``apply_scaling``; formulas.md A8).
+    stretched by ``factor`` (low band), blended in between (Meta's ``apply_scaling``, as in
+    ``_compute_llama3_parameters`` of transformers' ``modeling_rope_utils.py``).
     Keyword arguments as :func:`llama3_data` (default: Llama 3.1 8B)."""
     data = llama3_data(**config)
     pairs = torch.arange(len(data["original"])).numpy()
@@ -203,7 +224,7 @@ def schedule_data(*, head_dim: int = 128, base: float = 10000.0, factor: float =
     """
     from posemb.functional.rope_schedules import ROPE_TYPES, compute_inv_freq, dynamic_ntk_base, wavelengths
 
-    check_even("head_dim", head_dim)
+    _check_head_dim(head_dim)
     check_int("original_max_position_embeddings", original_max_position_embeddings, minimum=1)
     factor = check_float("factor", factor, minimum=1.0)
     extended = int(round(factor * original_max_position_embeddings))
@@ -289,9 +310,9 @@ def rope_decay_bound(distances: Tensor | Sequence[int] | int, *, head_dim: int =
     ``distances`` (an int gives ``0 .. distances``). At ``r = 0`` it is ``(d/2 + 1) / 2``."""
     from posemb.functional.rope_schedules import default_inv_freq
 
-    check_even("head_dim", head_dim)
+    _check_head_dim(head_dim)
     if isinstance(distances, int) and not isinstance(distances, bool):
-        check_int("distances", distances, minimum=0)
+        check_int("distances", distances, minimum=0, maximum=MAX_POINTS)
         distances = torch.arange(distances + 1)
     distances = torch.as_tensor(distances, dtype=torch.float64)
     theta = default_inv_freq(head_dim, check_float("base", base))
@@ -304,10 +325,12 @@ def rope_decay_bound(distances: Tensor | Sequence[int] | int, *, head_dim: int =
 def plot_decay(*, head_dim: int = 128, bases: Sequence[float] = (10000.0,), max_distance: int = 250):
     """Su et al. Fig. 2: the relative upper bound :func:`rope_decay_bound` against the relative
     distance ``0 .. max_distance``, one curve per base."""
-    check_int("max_distance", max_distance, minimum=1)
+    check_int("max_distance", max_distance, minimum=1, maximum=MAX_POINTS)
     bases = [check_float("bases[]", b) for b in bases]
     if not bases:
         raise ValueError("bases must hold at least one base, got an empty list")
+    if len(bases) > MAX_CURVES:
+        raise ValueError(f"bases must hold at most {MAX_CURVES} bases, got {len(bases)}")
     distances = torch.arange(max_distance + 1)
     figure = _new_figure(7, 4.2)
     axis = figure.subplots()
@@ -326,11 +349,16 @@ def plot_decay(*, head_dim: int = 128, bases: Sequence[float] = (10000.0,), max_
 # ---------------------------------------------------------------------------------------------
 # saving and the command line
 # ---------------------------------------------------------------------------------------------
-def save_figure(figure, path: str | Path, *, dpi: int = DEFAULT_DPI) -> Path:
-    """Write ``figure`` to ``path`` (.png, .pdf or .svg; parent folders are created)."""
+def _check_output(path: str | Path, dpi: int) -> Path:
     path = Path(path)
     check_choice("out suffix", path.suffix.lower(), SAVE_FORMATS)
     check_int("dpi", dpi, minimum=10, maximum=1200)
+    return path
+
+
+def save_figure(figure, path: str | Path, *, dpi: int = DEFAULT_DPI) -> Path:
+    """Write ``figure`` to ``path`` (.png, .pdf or .svg; parent folders are created)."""
+    path = _check_output(path, dpi)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
@@ -340,17 +368,29 @@ _PLOT_FUNCTIONS: dict[str, Callable[..., Any]] = {"cosine": plot_cosine, "llama3
                                                   "schedules": plot_schedules, "decay": plot_decay}
 
 
-def plot_all(out_dir: str | Path, *, dpi: int = DEFAULT_DPI) -> list[Path]:
-    """Write every picture with its defaults to ``out_dir/NAME.png``; return the paths."""
-    out_dir = Path(out_dir)
-    return [save_figure(_PLOT_FUNCTIONS[name](), out_dir / f"{name}.png", dpi=dpi) for name in PLOT_NAMES]
+def plot_all(out_dir: str | Path, *, dpi: int = DEFAULT_DPI, force: bool = False) -> list[Path]:
+    """Write every picture with its defaults to ``out_dir/NAME.png``; return the paths. A file
+    there that posemb did not write (or wrote at another ``dpi``) is replaced only with ``force``;
+    that is checked, with the folder's writability, before anything is drawn."""
+    check_int("dpi", dpi, minimum=10, maximum=1200)
+    names = [f"{name}.png" for name in PLOT_NAMES]
+    identity = hashlib.sha256(f"posemb plot all, dpi {dpi}".encode()).hexdigest()[:10]
+    with OutputDir(out_dir, identity=identity, argument="--out-dir", lock=False) as out:
+        out.claim(names, force=force)
+        paths = []
+        for name, file_name in zip(PLOT_NAMES, names):
+            buffer = io.BytesIO()
+            _PLOT_FUNCTIONS[name]().savefig(buffer, format="png", dpi=dpi)
+            paths.append(out.write_bytes(file_name, buffer.getvalue()))
+    return paths
 
 
 def _handle(args: argparse.Namespace) -> int:
     if args.plot == "all":
-        for path in plot_all(args.out_dir, dpi=args.dpi):
+        for path in plot_all(args.out_dir, dpi=args.dpi, force=args.force):
             print(path)
         return 0
+    check_writable_file(_check_output(args.out, args.dpi), "--out")  # before drawing
     if args.plot == "cosine":
         figure = plot_cosine(base=args.base, head_dim=args.head_dim, length=args.length, pairs=args.pairs)
     elif args.plot == "llama3":
@@ -374,7 +414,7 @@ def add_parser(subparsers) -> None:
 
     def common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:
         if out_required:
-            sub.add_argument("--out", required=True, type=Path, help="image file to write (.png, .pdf, .svg)")
+            sub.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg)")
         sub.add_argument("--dpi", type=int, default=DEFAULT_DPI, help=f"resolution (default {DEFAULT_DPI})")
         sub.set_defaults(handler=_handle)
 
@@ -411,5 +451,7 @@ def add_parser(subparsers) -> None:
     common(decay)
 
     every = names.add_parser("all", help="write all four pictures as OUT_DIR/NAME.png")
-    every.add_argument("--out-dir", required=True, type=Path, help="folder to write into")
+    every.add_argument("--out-dir", required=True, help="folder to write into")
+    every.add_argument("--force", action="store_true",
+                       help="replace NAME.png files that posemb did not write there (or wrote at another --dpi)")
     common(every, out_required=False)

@@ -2,12 +2,20 @@
 
 Schemes register themselves with ``@register("name")`` in their own file under
 ``posemb/schemes/``; that folder is scanned on first use, so adding a scheme is one new file.
+
+``build`` checks every option against the type annotation of the scheme's constructor before the
+constructor runs (:func:`check_option_types`), so each scheme, present or future, refuses
+``causal="yes"`` or ``num_heads=8.0`` with a ``TypeError`` naming the option, instead of turning
+a string into a truthy flag.
 """
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import pkgutil
+import types
+import typing
 from typing import Any, Callable, TypeVar
 
 _SCHEMES: dict[str, type] = {}
@@ -72,7 +80,69 @@ def build(name: str, **options: Any):
     missing = sorted(k for k, v in allowed.items() if v is inspect.Parameter.empty and k not in options)
     if missing:
         raise ValueError(f"scheme {name!r} needs option(s) {missing}")
+    check_option_types(name, options)
     return cls(**options)
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """The resolved constructor annotation of each option of scheme ``name`` (unannotated ones left out)."""
+    cls = scheme_class(name)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: check nothing rather than fail to build
+        return {}
+    return {k: v for k, v in hints.items() if k in scheme_options(name)}
+
+
+def check_option_types(name: str, options: dict[str, Any]) -> None:
+    """Raise ``TypeError`` naming the first option of scheme ``name`` whose value does not match its
+    annotation: ``bool`` must be a real bool; ``int`` a real int (not a bool); ``float`` an int or
+    float (not a bool); ``str``, ``dict``, ``tuple``, ``list`` instances of those; ``X | None``
+    also allows None; a union allows any member. Annotations outside these (``Any``, protocols,
+    ...) are not checked."""
+    hints = option_types(name)
+    for option, value in options.items():
+        if option in hints and not _matches(value, hints[option]):
+            raise TypeError(f"{option} must be {_describe(hints[option])} (an option of scheme {name!r}), "
+                            f"got {type(value).__name__} ({value!r})")
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    return any(_matches_one(value, member) for member in _members(annotation))
+
+
+def _matches_one(value: Any, annotation: Any) -> bool:
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (str, dict, list, tuple, collections.abc.Mapping, collections.abc.Sequence,
+                  collections.abc.Iterable):
+        return isinstance(value, origin)
+    return True  # not a type this check knows: the constructor checks it
+
+
+def _describe(annotation: Any) -> str:
+    names = []
+    for member in _members(annotation):
+        if member is type(None):
+            names.append("None")
+        else:
+            origin = typing.get_origin(member) or member
+            names.append("a number" if member is float else f"{'an' if origin is int else 'a'} "
+                         f"{getattr(origin, '__name__', str(origin))}")
+    return " or ".join(names)
 
 
 def build_for_model(name: str, *, context: dict[str, Any], options: dict[str, Any]):

@@ -8,7 +8,7 @@ import torch
 import posemb
 from posemb.functional.alibi import alibi_slopes
 from posemb.functional.buckets import t5_relative_bucket
-from posemb.functional.sinusoidal import sinusoidal_table
+from posemb.functional.sinusoidal import sinusoid_concat, sinusoidal_table
 from posemb.model.attention import attend
 
 
@@ -45,6 +45,23 @@ def test_sinusoidal_table_matches_the_paper_formula_elementwise():
             angle = p / base ** (2 * i / dim)
             assert table[0, row, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-12)
             assert table[0, row, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sinusoid_concat_is_sin_then_cos_rounded_once(dtype):
+    """Transformer-XL's order ``[sin, cos]``, negative distances included, each entry the float64
+    value rounded once to ``dtype``."""
+    dim, base = 12, 10000.0
+    pos = torch.tensor([[-300, -1, 0, 5, 4097]])
+    table = sinusoid_concat(pos, dim, base, dtype=dtype)
+    assert table.shape == (1, 5, dim) and table.dtype == dtype
+    for row, p in enumerate(pos[0].tolist()):
+        for i in range(dim // 2):
+            angle = p / base ** (2 * i / dim)
+            for column, value in ((i, math.sin(angle)), (dim // 2 + i, math.cos(angle))):
+                error = abs(table[0, row, column].item() - value)
+                # plus a few float64 ulps of the angle itself (the float64 product rounds too)
+                assert error <= 0.5 * torch.finfo(dtype).eps * abs(value) + 1e-15 * (1 + abs(p)), (p, column, error)
 
 
 def test_sinusoidal_scheme_adds_the_table_at_any_length():

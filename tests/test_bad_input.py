@@ -128,3 +128,22 @@ def test_generate_arguments_are_checked():
         model.generate(prompt, 2, top_k=0)
     with pytest.raises(TypeError, match="causal must be a bool"):
         posemb.TransformerLM(16, 32, 1, 2, scheme="nope", causal="no")
+
+
+@pytest.mark.parametrize("make,argument", [
+    (lambda: posemb.TransformerLM(16, 32, 1, 1 << 20, scheme="nope"), "heads"),
+    (lambda: posemb.TransformerLM(1 << 30, 32, 1, 2, scheme="nope"), "vocab_size"),
+    (lambda: posemb.TransformerLM(16, 1 << 30, 1, 2, scheme="nope"), "dim"),
+    (lambda: posemb.TransformerLM(16, 32, 1 << 20, 2, scheme="nope"), "depth"),
+    (lambda: MultiHeadAttention(32, 1 << 20), "num_heads"),
+    (lambda: posemb.build("alibi", num_heads=1 << 20), "num_heads"),
+    (lambda: posemb.build("learned", dim=8, max_positions=1 << 30), "max_positions"),
+    (lambda: posemb.build("shaw", head_dim=8, max_relative_position=1 << 30), "max_relative_position"),
+    (lambda: posemb.build("t5", num_heads=2, num_buckets=1 << 30), "num_buckets"),
+    (lambda: posemb.build("deberta", dim=8, num_heads=2, max_relative_positions=1 << 30), "max_relative_positions"),
+    (lambda: posemb.build("rope", head_dim=1 << 20), "head_dim"),
+])
+def test_size_arguments_have_a_named_upper_bound(make, argument):
+    """A typo in a size must not try to allocate terabytes: the error names the argument, the bound and why."""
+    with pytest.raises(ValueError, match=rf"^{argument} must be <= \d+, got \d+ \(.*(memory|rows)"):
+        make()

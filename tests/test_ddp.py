@@ -75,8 +75,9 @@ def test_two_gloo_replicas_stay_identical_and_match_one_process(tmp_path, scheme
 
 def test_batch_size_must_split_over_the_processes(monkeypatch):
     from posemb.lab import train as train_module
+    from posemb.lab.distributed import DistInfo
 
-    monkeypatch.setattr(train_module, "dist_info", lambda: train_module.DistInfo(rank=0, world_size=3))
+    monkeypatch.setattr(train_module, "dist_info", lambda: DistInfo(rank=0, world_size=3))
     with pytest.raises(ValueError, match=r"batch_size \(4\) must be divisible by the number of DDP processes \(3\)"):
         train_model(build_model("nope", MODEL, 16), lambda step: None, TRAIN, progress=False)
 

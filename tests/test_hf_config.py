@@ -257,8 +257,17 @@ def test_gpt_j_rotary_dim_and_interleaved_layout():
     assert (p["head_dim"], p["rotary_dim"], p["layout"], p["max_position_embeddings"]) == (256, 64, "interleaved", 2048)
     for head_dim in range(2, 200, 2):  # the derived fraction always gives back the exact rotary_dim
         for rotary_dim in range(2, head_dim + 1, 2):
-            q = rope_parameters_from_hf_config({"head_dim": head_dim, "rotary_dim": rotary_dim})
+            q = rope_parameters_from_hf_config({"model_type": "gptj", "head_dim": head_dim, "rotary_dim": rotary_dim})
             assert q["rotary_dim"] == rotary_dim
+
+
+def test_rotary_dim_is_ignored_where_transformers_ignores_it():
+    """Only GPT-J / CodeGen's rotary reads ``rotary_dim``; a Llama config carrying one rotates the whole head."""
+    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, rotary_dim=16)
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    for source in (config, config.to_dict()):
+        p = rope_parameters_from_hf_config(source)
+        assert p["rotary_dim"] == 2 * rotary.inv_freq.numel() == 64
 
 
 def test_gpt_neox_defaults_to_a_quarter_rotary():
@@ -279,7 +288,7 @@ def test_per_layer_rope_parameters_need_a_layer_type():
         rope_parameters_from_hf_config(cfg, layer_type="nope")
     with pytest.raises(ValueError, match="layer_type must be one of"):
         rope_parameters_from_hf_config(cfg, layer_type="global")
-    with pytest.raises(ValueError, match="not per layer type"):
+    with pytest.raises(ValueError, match="layer_types are"):
         rope_parameters_from_hf_config({"head_dim": 64}, layer_type="full_attention")
 
 
@@ -314,9 +323,13 @@ def with_rope(rope_scaling, **top):
                 "original_max_position_embeddings": 4096}), ValueError, "short_factor must have length rotary_dim/2 = 32, got 31"),
     (with_rope({"type": "longrope", "short_factor": [1.0] * 32, "long_factor": [1.0] * 48,
                 "original_max_position_embeddings": 4096}), ValueError, "long_factor must have length rotary_dim/2 = 32, got 48"),
-    (with_rope({"rope_type": "proportional", "factor": 2.0}), ValueError,
-     r"'proportional' is not supported; known rope types: \['default', 'linear', 'ntk', 'dynamic', 'yarn', 'longrope', 'llama3'\]"),
-    (with_rope({"type": "mrope", "mrope_section": [16, 24, 24]}), ValueError, "known rope types"),
+    (with_rope({"rope_type": "mystery", "factor": 2.0}), ValueError,
+     r"'mystery' is not supported; known rope types: \['default', 'linear', 'ntk', 'dynamic', 'yarn', 'longrope', 'llama3', "
+     r"'proportional'\]"),
+    (with_rope({"type": "mrope", "mrope_section": [16, 24, 24]}), ValueError, "mrope_section: refused, M-RoPE"),
+    (with_rope({"rope_type": "default", "mrope_section": [16, 24, 24]}), ValueError, "mrope_section: refused, M-RoPE"),
+    (with_rope({"rope_type": "axial"}), ValueError, "'axial' is refused: 2-D vision RoPE"),
+    (with_rope(None, model_type="nanochat"), ValueError, "rotates by -θ"),
     (with_rope({"rope_type": "yarn", "type": "linear", "factor": 2.0}), ValueError, "'type'='linear' conflicts with 'rope_type'='yarn'"),
     (with_rope(None, rope_theta=0.0), ValueError, "rope_theta must be > 1"),
     (with_rope(None, rope_theta=-10000.0), ValueError, "rope_theta must be > 1"),

@@ -11,14 +11,10 @@ import pytest
 import torch
 
 import posemb
-from posemb.kernels import apply_rotary, apply_rotary_qk, rotary_reference, select_backend
+from posemb.functional.rope import apply_rotary as reference_rotary
+from posemb.kernels import apply_rotary, apply_rotary_qk, select_backend
 from posemb.kernels import flex
 from posemb.model.attention import attend
-
-try:  # the library's reference (posemb.functional.rope); the kernels' own copy otherwise
-    from posemb.functional.rope import apply_rotary as reference_rotary
-except ImportError:  # pragma: no cover - only while the reference is not written yet
-    reference_rotary = rotary_reference
 
 TOLERANCE = {torch.float64: dict(atol=1e-12, rtol=0), torch.float32: dict(atol=1e-6, rtol=0),
              torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2), torch.float16: dict(atol=1e-3, rtol=1e-3)}
@@ -366,13 +362,17 @@ def test_irregular_positions_fall_back_to_dense():
         attend(q, k, v, scheme, positions, positions, causal=True, bias_path="fast")
 
 
-def test_consecutive_offset():
+def test_key_query_delta_is_the_negated_consecutive_offset():
     base = torch.arange(10)[None]
-    assert flex.consecutive_offset(base[:, 7:], base) == -7
-    assert flex.consecutive_offset(base + torch.tensor([[0], [5]]), base + torch.tensor([[0], [5]])) == 0
-    assert flex.consecutive_offset(base, base + torch.tensor([[0], [5]])) is None
-    assert flex.consecutive_offset(torch.tensor([[0, 2]]), torch.tensor([[0, 2]])) is None
-    assert flex.consecutive_offset(torch.tensor([[4]]), torch.tensor([[1, 2, 3, 4]])) == -3
+    assert flex.key_query_delta(base[:, 7:], base) == -7
+    assert flex.key_query_delta(base + torch.tensor([[0], [5]]), base + torch.tensor([[0], [5]])) == 0
+    assert flex.key_query_delta(base, base + torch.tensor([[0], [5]])) is None
+    assert flex.key_query_delta(torch.tensor([[0, 2]]), torch.tensor([[0, 2]])) is None
+    assert flex.key_query_delta(torch.tensor([[4]]), torch.tensor([[1, 2, 3, 4]])) == -3
+    for q_pos, k_pos in ((base[:, 3:], base), (base[:, :1] + 4, base[:, 2:])):
+        delta = flex.key_query_delta(q_pos, k_pos)
+        j, i = torch.arange(k_pos.shape[1])[None, :], torch.arange(q_pos.shape[1])[:, None]
+        assert torch.equal(k_pos[0][None, :] - q_pos[0][:, None], (j - i) + delta)
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from posemb.kernels import apply_rotary, apply_rotary_qk, load_compiled_cpu, rotary_reference, select_backend
+from posemb.functional.rope import apply_rotary as rotary_reference
+from posemb.kernels import apply_rotary, apply_rotary_qk, load_compiled_cpu, select_backend
 from posemb.kernels import rotary_compiled
 
 # float32 math either way; bf16/fp16 results may differ from the reference by one rounding step.

@@ -14,8 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import posemb
 from posemb.functional.buckets import deberta_log_bucket
 from posemb.functional.relative import (clip_distance, distinct_distances, gather_relative, gather_relative_rows,
-                                        relative_shift, scatter_relative)
+                                        scatter_relative)
 from posemb.model.attention import attend
+
+from _reference import relative_shift, sum_relative_logits
 
 NAMES = ["shaw", "transformer_xl", "deberta"]
 BATCH, HEADS, HEAD_DIM = 2, 3, 8
@@ -368,7 +370,6 @@ def test_blocks_that_share_one_row_give_the_gathered_logits(name, options):
     """Far from the diagonal every pair reads one row: the broadcast shortcut (a column and/or a row,
     maybe as a tuple) equals the gather of the general path, and a block that straddles the band
     (cut into pieces without autograd) equals it too."""
-    from posemb.schemes.base import sum_relative_logits
 
     scheme = randomise(posemb.build(name, **options))
     q, k = torch.randn(BATCH, HEADS, 4, HEAD_DIM), torch.randn(BATCH, HEADS, 300, HEAD_DIM)

@@ -494,6 +494,25 @@ def test_xpos_is_finite_and_translation_invariant_at_large_positions():
     assert torch.isfinite(q_span @ k_span.transpose(-1, -2)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_xpos_refuses_a_span_past_its_dtype_limit(dtype):
+    """``max_span = floor(ln(finfo.max) / u)``, ``u = |ln(2/7)| / scale_base``; at the limit every
+    score is finite (future ones included), one token past it is refused with the numbers."""
+    xpos = XPos(8, scale_base=256.0)
+    limit = xpos.max_span(dtype)
+    assert limit == math.floor(math.log(torch.finfo(dtype).max) * 256.0 / abs(math.log(2 / 7)))
+    # the largest future-key factor, e^(u * limit), fits the dtype; e^(u * (limit + 1)) would not
+    growth = abs(math.log(2 / 7)) / 256.0
+    assert growth * limit <= math.log(torch.finfo(dtype).max) < growth * (limit + 1)
+    q = k = torch.full((1, 1, 2, 8), 1e-3, dtype=dtype)
+    at_limit = torch.tensor([[7, 7 + limit]])
+    q_rot, k_rot = xpos.rotate(q, k, at_limit, at_limit)
+    assert torch.isfinite((q_rot.double() @ k_rot.double().transpose(-1, -2))).all()
+    assert torch.isfinite(q_rot).all() and torch.isfinite(k_rot).all()
+    with pytest.raises(ValueError, match=rf"span {limit + 1} tokens.*max_span={limit}"):
+        xpos.rotate(q, k, at_limit + torch.tensor([[0, 1]]), at_limit + torch.tensor([[0, 1]]))
+
+
 def test_xpos_is_causal_only():
     with pytest.raises(ValueError, match="causal"):
         posemb.build("xpos", head_dim=16, causal=False)

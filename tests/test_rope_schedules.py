@@ -359,10 +359,53 @@ def test_invalid_parameters_raise_naming_the_key(args, kwargs, error, match):
 
 
 def test_rope_types_are_the_contract():
-    assert ROPE_TYPES == ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
+    assert ROPE_TYPES == ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional")
     for rope_type in ROPE_TYPES:  # every type is computable with a reasonable parameter set
         params = {"default": None, "linear": {"factor": 2}, "ntk": {"factor": 2}, "dynamic": {"factor": 2},
                   "yarn": {"factor": 2, "original_max_position_embeddings": 64}, "longrope": LONG,
-                  "llama3": LLAMA31}[rope_type]
+                  "llama3": LLAMA31, "proportional": {"partial_rotary_factor": 0.25}}[rope_type]
         inv, scale = compute_inv_freq(rope_type, 64, 1e4, params, max_position_embeddings=8192)
         assert inv.shape == (32,) and inv.dtype == torch.float64 and torch.isfinite(inv).all() and scale > 0
+
+
+# ---- proportional (p-RoPE) ---------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim, proportion, factor", [(512, 0.25, 1.0), (64, 0.5, 2.0), (64, 1.0, 1.0),
+                                                          (64, 0.0, 1.0), (96, 0.3, 1.0)])
+def test_proportional_formula(head_dim, proportion, factor):
+    """θ^(-2j/d)/factor for j < floor(p·d/2), zero beyond: the kept pairs equal full RoPE's (Barbero et al. 2025)."""
+    inv, scale = compute_inv_freq("proportional", head_dim, 1e6,
+                                  {"partial_rotary_factor": proportion, "factor": factor})
+    kept = math.floor(proportion * head_dim / 2)
+    expected = [1e6 ** (-2 * j / head_dim) / factor if j < kept else 0.0 for j in range(head_dim // 2)]
+    assert scale == 1.0 and inv.dtype == torch.float64
+    assert torch.allclose(inv, torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=0)
+    assert int((inv > 0).sum()) == kept
+    if factor == 1.0:  # the rotated pairs are exactly default RoPE's leading pairs
+        assert torch.equal(inv[:kept], compute_inv_freq("default", head_dim, 1e6)[0][:kept])
+
+
+def test_proportional_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for proportion, factor in ((0.25, 1.0), (0.5, 4.0)):
+        config = transformers.LlamaConfig(hidden_size=512, num_attention_heads=2, head_dim=256, rope_parameters={
+            "rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": proportion, "factor": factor})
+        hf, hf_scale = ROPE_INIT_FUNCTIONS["proportional"](config, None)
+        ours, scale = compute_inv_freq("proportional", 256, 1e6, {"partial_rotary_factor": proportion, "factor": factor})
+        assert scale == hf_scale == 1.0
+        assert torch.allclose(ours.float(), hf, rtol=1e-6, atol=0)
+        assert torch.equal(ours == 0, hf == 0)
+
+
+@pytest.mark.parametrize("params, error", [({"partial_rotary_factor": 1.5}, ValueError),
+                                           ({"partial_rotary_factor": "0.25"}, TypeError),
+                                           ({"factor": 0.5}, ValueError), ({"low_freq_factor": 1.0}, ValueError)])
+def test_proportional_bad_params(params, error):
+    with pytest.raises(error, match="proportional|low_freq_factor"):
+        compute_inv_freq("proportional", 64, 1e4, params)
+
+
+def test_partial_rotary_factor_is_a_schedule_key_only_for_proportional():
+    with pytest.raises(ValueError, match="not a schedule key"):
+        compute_inv_freq("linear", 64, 1e4, {"factor": 2.0, "partial_rotary_factor": 0.5})

@@ -15,9 +15,10 @@ import posemb
 from posemb.cli import main as cli_main
 from posemb.lab.checkpoint import load_checkpoint
 from posemb.lab.evaluate import BEYOND_N_MAX, load_trained_weights, rope_variant_model, rope_variant_options
-from posemb.lab.report import classify, family_verdicts, scheme_phrase, summarize_lm
 from posemb.lab.study import StudyHooks, make_config, run_study
-from posemb.lab.train import ModelConfig, StopTraining, build_model
+from posemb.lab.summary import summarize_lm
+from posemb.lab.train import ModelConfig, build_model
+from posemb.lab.verdicts import classify, family_verdicts, scheme_phrase
 
 HAS_ROPE = "rope" in posemb.available()
 TINY_SCHEMES = ("nope", "learned", "rope") if HAS_ROPE else ("nope", "learned", "alibi")
@@ -36,6 +37,10 @@ def small_corpus(tmp_path_factory) -> Path:
         if source.exists():
             shutil.copy(source, root / source.name)
     return root
+
+
+class StopTraining(Exception):
+    """Raised from a study hook to stand for a kill in the middle of training."""
 
 
 def tiny_config(out: Path, corpus: Path, **overrides):
@@ -99,7 +104,7 @@ def test_tiny_study_from_the_command_line_writes_every_file(tmp_path, small_corp
     assert results["environment"]["torch"] == torch.__version__
     assert results["config"]["seeds"] == [0, 1] and len(results["runs"]) == 2 * len(TINY_SCHEMES)
     report = (out / "report.md").read_text()
-    for text in ("The seed's comparison table", "rise of the loss above its own value", "Verdicts by family",
+    for text in ("The study notes' comparison table", "rise of the loss above its own value", "Verdicts by family",
                  "Configuration and environment", "torch threads", BEYOND_N_MAX, "seed-to-seed spread"):
         assert text in report, text
     assert "report:" in capsys.readouterr().out

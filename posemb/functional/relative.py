@@ -8,7 +8,7 @@ papers is to score the query against the *R distinct* distance embeddings once, 
 
 * Music Transformer's "skew" (Huang et al. 2018, arXiv 1809.04281, §3.4.1) and Transformer-XL's
   ``_rel_shift`` (Dai et al. 2019, arXiv 1901.02860, App. B) do the move with a pad-and-reshape;
-  they assume consecutive positions. :func:`relative_shift` is that trick.
+  they assume consecutive positions (the test suite keeps it as an oracle).
 * With explicit position tensors (KV-cache decoding, offsets, per-sequence starts) the move is a
   ``gather`` by a precomputed integer index (:func:`gather_relative`, :func:`gather_relative_rows`),
   and its transpose, a ``scatter_add`` (:func:`scatter_relative`), aggregates attention
@@ -67,22 +67,25 @@ def distance_bounds(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]
 
 def consecutive_offset(q_positions: Tensor, k_positions: Tensor) -> int | None:
     """``q_positions[b, 0] - k_positions[b, 0]`` when every row of both tensors counts up by one and
-    that offset is the same for every sequence; None otherwise.
+    that offset is the same for every sequence; None otherwise. A batch of 1 broadcasts.
 
     Then ``i - j`` (query minus key position) is ``offset + i - j`` in index terms for the whole
-    batch: a Toeplitz matrix, the case :func:`toeplitz_scores` handles with a view. Checked once per
+    batch: a Toeplitz matrix, the case :func:`toeplitz_scores` handles with a view (and, negated,
+    the key-minus-query ``delta`` of ``posemb.kernels.flex``'s Toeplitz bias). Checked once per
     attention call (O(batch * L), one host synchronisation); every contiguous slice inherits it.
     """
     check_tensor("q_positions", q_positions, ndim=2, integer=True)
     check_tensor("k_positions", k_positions, ndim=2, integer=True)
-    if q_positions.shape[0] != k_positions.shape[0] or q_positions.numel() == 0 or k_positions.numel() == 0:
+    if q_positions.numel() == 0 or k_positions.numel() == 0 or (
+            q_positions.shape[0] != k_positions.shape[0] and 1 not in (q_positions.shape[0], k_positions.shape[0])):
         return None
-    offsets = q_positions[:, 0] - k_positions[:, 0]
-    ok = (offsets == offsets[0]).all()
+    offsets = (q_positions[:, :1] - k_positions[:, :1]).reshape(-1)
+    checks = [(offsets == offsets[0]).all()]
     for positions in (q_positions, k_positions):
         if positions.shape[1] > 1:
-            ok = ok & (positions.diff(dim=1) == 1).all()
-    return int(offsets[0]) if bool(ok) else None
+            checks.append((positions.diff(dim=1) == 1).all())
+    ok, offset = torch.stack([torch.stack(checks).all().long(), offsets[0].long()]).tolist()
+    return offset if ok else None
 
 
 def toeplitz_scores(per_distance: Tensor, k_len: int) -> Tensor:
@@ -259,27 +262,3 @@ def scatter_relative(probs: Tensor, index: Tensor, num_rows: int) -> Tensor:
     expanded = index[:, None].expand(batch, heads, q_len, k_len)
     buckets = probs.new_zeros(batch, heads, q_len, num_rows)
     return buckets.scatter_add(-1, expanded, probs)
-
-
-def relative_shift(scores: Tensor) -> Tensor:
-    """The pad-and-reshape shift of Transformer-XL (App. B, ``_rel_shift``), equal to Music
-    Transformer's "skew" (§3.4.1).
-
-    ``scores[..., i, c]`` holds query i scored against the embedding of distance ``i' - j =
-    Lk - 1 - c`` (columns ordered from the largest distance down to 0, as Transformer-XL's
-    ``pos_seq = arange(klen - 1, -1, -1)``), where the Lq queries are the *last* Lq of the Lk keys.
-    Returns ``out[..., i, j] = scores[..., i, j + Lq - 1 - i]``: the score for distance
-    ``(i + Lk - Lq) - j``. Entries with ``j > i + Lk - Lq`` (future keys) are filler the causal mask
-    must remove. Only valid for consecutive positions; the schemes use gathers instead so that
-    arbitrary position tensors work, and keep this as the documented, tested trick.
-    """
-    check_tensor("scores", scores)
-    if scores.dim() < 2:
-        raise ValueError(f"scores must have at least 2 dimensions (Lq, Lk), got shape {tuple(scores.shape)}")
-    *lead, q_len, k_len = scores.shape
-    if q_len > k_len:
-        raise ValueError(f"scores must have Lq <= Lk (queries are the last Lq keys), got shape {tuple(scores.shape)}")
-    padded = torch.cat([scores.new_zeros(*lead, q_len, 1), scores], dim=-1)  # (.., Lq, Lk + 1)
-    # Read as (Lk + 1, Lq) rows, dropping the first row shifts row i left by (Lq - 1 - i).
-    shifted = padded.reshape(*lead, k_len + 1, q_len)[..., 1:, :]
-    return shifted.reshape(*lead, q_len, k_len)

@@ -5,7 +5,7 @@ RoPE rotates each pair of query/key channels by an angle proportional to the tok
 ``w_i = inv_freq[i]`` (paper Eq. 15 and the efficient form Eq. 34). Because ``R(m)^T R(n) = R(n - m)``,
 ``(R(m) q) . (R(n) k)`` depends on the positions only through ``n - m``.
 
-Two memory layouts pair the channels differently (``shared/reference/rope_scaling.md`` section 0):
+Two memory layouts pair the channels differently:
 
 * half-split (GPT-NeoX, Hugging Face ``rotate_half``): channel ``i`` pairs with ``i + r/2``;
 * interleaved (GPT-J, Meta's complex form): channel ``2i`` pairs with ``2i + 1``.
@@ -15,7 +15,7 @@ the rest pass through unchanged.
 
 Precision: angles ``p * inv_freq`` are formed in float64 from the integer positions. In float32 the
 product already errs by ~1e-3 rad at position 4096 and in bf16 position 257 becomes 256
-(``shared/reference/cpu_performance.md``, "Precision"; transformers #25681, gpt-neox #1003).
+(transformers #25681, gpt-neox #1003).
 In float64 the angle errs by < 1e-9 rad at position 10^6, so the float32 cos/sin returned are
 correctly rounded to within an ulp or two.
 """
@@ -79,6 +79,11 @@ def rotary_cos_sin(positions: Tensor, inv_freq: Tensor, attention_scale: float =
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
     """Rotate the leading ``rotary_dim = 2 * cos.shape[-1]`` channels of ``x`` by the angles in cos/sin.
 
+    The one plain-PyTorch home of the rotation: differentiable in ``x``, ``cos`` and ``sin``, and the
+    oracle of the fast paths, whose dispatcher :func:`posemb.kernels.apply_rotary` (in place,
+    ``out=``, back ends) runs it for ``backend="reference"``, under ``torch.compile`` and when
+    cos/sin require grad.
+
     Half-split layout (``interleaved=False``, GPT-NeoX / HF ``rotate_half``), with ``h = rotary_dim/2``::
 
         out[..., i]     = x[..., i] * cos_i - x[..., i + h] * sin_i
@@ -98,7 +103,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Fal
 
     Returns:
         A new tensor shaped like ``x`` in ``x.dtype``. The arithmetic runs in float32 (float64 when
-        ``x`` is float64), so bf16/fp16 inputs are rounded once, at the end.
+        ``x`` or the tables are float64), so bf16/fp16 inputs are rounded once, at the end.
     """
     check_tensor("x", x, ndim=4, floating=True)
     check_tensor("cos", cos, ndim=3, floating=True)
@@ -116,7 +121,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Fal
     if cos.shape[1] != seq or cos.shape[0] not in (1, batch):
         raise ValueError(f"cos/sin must have shape (batch={batch} or 1, seq={seq}, rotary_dim/2), "
                          f"got {tuple(cos.shape)} for x of shape {tuple(x.shape)}")
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
     cos = cos.to(compute)[:, None]  # (batch, 1, seq, half): one rotation shared by every head
     sin = sin.to(compute)[:, None]
     rot = x[..., :rotary_dim].to(compute)

@@ -22,6 +22,8 @@ longrope    per-pair rescale factors ``1/(ext_j·θ^(2j/d))``, long factors iff 
             scale ``sqrt(1 + ln(factor)/ln(orig))`` (Ding et al. 2024, arXiv 2402.13753; HF)
 llama3      wavelength bands: keep short wavelengths, divide long ones by ``factor``, blend in between
             (Meta ``llama-models`` ``apply_scaling``; HF ``_compute_llama3_parameters``)
+proportional  p-RoPE: ``θ^(-2j/d)/factor`` for ``j < floor(p·d/2)``, 0 beyond (unrotated pairs)
+            (Barbero et al. 2025, arXiv 2410.06205; Gemma 4; HF ``_compute_proportional_rope_parameters``)
 ==========  =========================================================================================
 
 The returned attention scale multiplies cos **and** sin (as in HF), so it scales ``q·k`` by its square.
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from posemb._validation import check_choice, check_float, check_int
 
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3")
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "longrope", "llama3", "proportional")
 
 # Keys each type understands (besides nothing else): anything outside these is rejected, because a
 # misspelled key silently falls back to a default and gives a different model.
@@ -49,6 +51,7 @@ _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
              "mscale", "mscale_all_dim", "truncate"),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "factor", "attention_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "proportional": ("factor", "partial_rotary_factor"),
 }
 _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -58,6 +61,7 @@ _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "yarn": ("original_max_position_embeddings",),  # factor may be derived from max_position_embeddings
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "proportional": (),
 }
 
 
@@ -190,6 +194,124 @@ def _factor_list(rope_type: str, name: str, value: Any, num_pairs: int) -> list[
     return out
 
 
+def _validate_scale_only(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                         max_position_embeddings: int | None) -> dict[str, Any]:
+    """linear / ntk / dynamic: one ``factor >= 1``."""
+    if rope_type in ("ntk", "dynamic") and rotary_dim <= 2:
+        raise ValueError(f"{rope_type} needs rotary_dim > 2 (its exponent is d/(d-2)), got {rotary_dim}")
+    if rope_type == "dynamic" and max_position_embeddings is None:
+        raise ValueError("dynamic needs max_position_embeddings (M in θ·(factor·L/M − (factor−1))^(d/(d−2))), got None")
+    return {"factor": _factor(rope_type, params["factor"])}
+
+
+def _validate_default(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                      max_position_embeddings: int | None) -> dict[str, Any]:
+    return {}
+
+
+def _validate_yarn(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                   max_position_embeddings: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    orig = _positive_int("yarn original_max_position_embeddings", params["original_max_position_embeddings"])
+    out["original_max_position_embeddings"] = orig
+    if params.get("factor") is None:
+        if max_position_embeddings is None:
+            raise ValueError("yarn needs 'factor' or max_position_embeddings (factor = max_position_embeddings / "
+                             "original_max_position_embeddings), got neither")
+        derived = max_position_embeddings / orig
+        if derived < 1:
+            raise ValueError(f"yarn factor derived from max_position_embeddings / original_max_position_embeddings "
+                             f"= {max_position_embeddings}/{orig} = {derived} must be >= 1; set 'factor'")
+        out["factor"] = derived
+    else:
+        out["factor"] = _factor(rope_type, params["factor"])
+    beta_fast = 32.0 if params.get("beta_fast") is None else check_float("yarn beta_fast", params["beta_fast"])
+    beta_slow = 1.0 if params.get("beta_slow") is None else check_float("yarn beta_slow", params["beta_slow"])
+    if beta_fast <= 0 or beta_slow <= 0:
+        raise ValueError(f"yarn beta_fast and beta_slow must be > 0 (rotation counts), got {beta_fast}, {beta_slow}")
+    if beta_fast < beta_slow:
+        raise ValueError(f"yarn beta_fast must be >= beta_slow (else the ramp runs backwards), got "
+                         f"beta_fast={beta_fast}, beta_slow={beta_slow}")
+    out["beta_fast"], out["beta_slow"] = beta_fast, beta_slow
+    for key in ("mscale", "mscale_all_dim"):
+        value = params.get(key)
+        out[key] = None if value is None else check_float(f"yarn {key}", value, minimum=0.0)
+    attention = params.get("attention_factor")
+    out["attention_factor"] = (None if attention is None
+                               else check_float("yarn attention_factor", attention, minimum=0.0, strict_minimum=True))
+    truncate = params.get("truncate", True)
+    if truncate is None:
+        truncate = True
+    if not isinstance(truncate, bool):
+        raise TypeError(f"yarn truncate must be a bool, got {type(truncate).__name__} ({truncate!r})")
+    out["truncate"] = truncate
+    return out
+
+
+def _validate_longrope(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                       max_position_embeddings: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    num_pairs = rotary_dim // 2
+    orig = _positive_int("longrope original_max_position_embeddings", params["original_max_position_embeddings"])
+    out["original_max_position_embeddings"] = orig
+    out["short_factor"] = _factor_list(rope_type, "short_factor", params["short_factor"], num_pairs)
+    out["long_factor"] = _factor_list(rope_type, "long_factor", params["long_factor"], num_pairs)
+    attention = params.get("attention_factor")
+    out["attention_factor"] = (None if attention is None
+                               else check_float("longrope attention_factor", attention, minimum=0.0, strict_minimum=True))
+    if params.get("factor") is not None:
+        out["factor"] = _factor(rope_type, params["factor"])
+    elif max_position_embeddings is not None:
+        # HF: the ratio max/orig; a ratio <= 1 means "no extension" and gives attention scale 1.
+        out["factor"] = max_position_embeddings / orig
+    elif out["attention_factor"] is None:
+        raise ValueError("longrope needs 'factor', 'attention_factor' or max_position_embeddings to set its "
+                         "attention scale, got none of them")
+    else:
+        out["factor"] = None
+    return out
+
+
+def _validate_llama3(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                     max_position_embeddings: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"factor": _factor(rope_type, params["factor"])}
+    low = check_float("llama3 low_freq_factor", params["low_freq_factor"], minimum=0.0, strict_minimum=True)
+    high = check_float("llama3 high_freq_factor", params["high_freq_factor"], minimum=0.0, strict_minimum=True)
+    if low > high:
+        raise ValueError(f"llama3 low_freq_factor must be <= high_freq_factor, got low_freq_factor={low}, "
+                         f"high_freq_factor={high}")
+    out["low_freq_factor"], out["high_freq_factor"] = low, high
+    out["original_max_position_embeddings"] = _positive_int(
+        "llama3 original_max_position_embeddings", params["original_max_position_embeddings"])
+    return out
+
+
+def _validate_proportional(rope_type: str, params: dict[str, Any], rotary_dim: int,
+                           max_position_embeddings: int | None) -> dict[str, Any]:
+    """p-RoPE: ``partial_rotary_factor`` p in [0, 1] is the rotated fraction (default 1), ``factor`` >= 1
+    divides every frequency (default 1)."""
+    proportion = params.get("partial_rotary_factor")
+    proportion = 1.0 if proportion is None else check_float("proportional partial_rotary_factor", proportion,
+                                                           minimum=0.0, maximum=1.0)
+    factor = params.get("factor")
+    return {"partial_rotary_factor": proportion,
+            "factor": 1.0 if factor is None else _factor(rope_type, factor)}
+
+
+#: rope_type -> validator(rope_type, params, rotary_dim, max_position_embeddings) -> normalised params.
+#: One function per type, as transformers' ``ROPE_INIT_FUNCTIONS`` (``modeling_rope_utils.py``).
+_VALIDATORS = {
+    "default": _validate_default,
+    "linear": _validate_scale_only,
+    "ntk": _validate_scale_only,
+    "dynamic": _validate_scale_only,
+    "yarn": _validate_yarn,
+    "longrope": _validate_longrope,
+    "llama3": _validate_llama3,
+    "proportional": _validate_proportional,
+}
+
+
 def validate_rope_params(rope_type: str, rotary_dim: int, base: float, params: Mapping[str, Any] | None,
                          max_position_embeddings: int | None) -> dict[str, Any]:
     """Check a schedule's parameters and return them normalised (numbers as float/int, defaults filled).
@@ -203,7 +325,9 @@ def validate_rope_params(rope_type: str, rotary_dim: int, base: float, params: M
 
     Defaults (as HF 5.24): yarn ``beta_fast=32``, ``beta_slow=1``, ``truncate=True``, ``factor =
     max_position_embeddings / original_max_position_embeddings`` when absent; longrope ``factor`` the
-    same ratio when absent. ``attention_factor``/``mscale``/``mscale_all_dim`` stay ``None`` when absent.
+    same ratio when absent; proportional ``partial_rotary_factor=1``, ``factor=1``.
+    ``attention_factor``/``mscale``/``mscale_all_dim`` stay ``None`` when absent. Each type's checks are
+    one validator in ``_VALIDATORS``.
     """
     check_choice("rope_type", rope_type, ROPE_TYPES)
     _check_rotary_dim(rotary_dim)
@@ -226,7 +350,7 @@ def validate_rope_params(rope_type: str, rotary_dim: int, base: float, params: M
         given = params.pop("rope_theta")
         if given is not None and float(given) != float(base):
             raise ValueError(f"params['rope_theta'] = {given!r} conflicts with base={base!r}")
-    if "partial_rotary_factor" in params:
+    if "partial_rotary_factor" in params and rope_type != "proportional":
         raise ValueError("params['partial_rotary_factor'] is not a schedule key: pass the rotary dimension "
                          "(int(head_dim * partial_rotary_factor)) as rotary_dim instead")
 
@@ -237,88 +361,35 @@ def validate_rope_params(rope_type: str, rotary_dim: int, base: float, params: M
     missing = [key for key in _REQUIRED_KEYS[rope_type] if params.get(key) is None]
     if missing:
         raise ValueError(f"missing required key(s) {missing} for rope_type={rope_type!r}")
-
-    if rope_type in ("ntk", "dynamic") and rotary_dim <= 2:
-        raise ValueError(f"{rope_type} needs rotary_dim > 2 (its exponent is d/(d-2)), got {rotary_dim}")
-
-    out: dict[str, Any] = {}
-    if rope_type in ("linear", "ntk", "dynamic"):
-        out["factor"] = _factor(rope_type, params["factor"])
-        if rope_type == "dynamic" and max_position_embeddings is None:
-            raise ValueError("dynamic needs max_position_embeddings (M in θ·(factor·L/M − (factor−1))^(d/(d−2))), got None")
-
-    elif rope_type == "yarn":
-        orig = _positive_int("yarn original_max_position_embeddings", params["original_max_position_embeddings"])
-        out["original_max_position_embeddings"] = orig
-        if params.get("factor") is None:
-            if max_position_embeddings is None:
-                raise ValueError("yarn needs 'factor' or max_position_embeddings (factor = max_position_embeddings / "
-                                 "original_max_position_embeddings), got neither")
-            derived = max_position_embeddings / orig
-            if derived < 1:
-                raise ValueError(f"yarn factor derived from max_position_embeddings / original_max_position_embeddings "
-                                 f"= {max_position_embeddings}/{orig} = {derived} must be >= 1; set 'factor'")
-            out["factor"] = derived
-        else:
-            out["factor"] = _factor(rope_type, params["factor"])
-        beta_fast = 32.0 if params.get("beta_fast") is None else check_float("yarn beta_fast", params["beta_fast"])
-        beta_slow = 1.0 if params.get("beta_slow") is None else check_float("yarn beta_slow", params["beta_slow"])
-        if beta_fast <= 0 or beta_slow <= 0:
-            raise ValueError(f"yarn beta_fast and beta_slow must be > 0 (rotation counts), got {beta_fast}, {beta_slow}")
-        if beta_fast < beta_slow:
-            raise ValueError(f"yarn beta_fast must be >= beta_slow (else the ramp runs backwards), got "
-                             f"beta_fast={beta_fast}, beta_slow={beta_slow}")
-        out["beta_fast"], out["beta_slow"] = beta_fast, beta_slow
-        for key in ("mscale", "mscale_all_dim"):
-            value = params.get(key)
-            out[key] = None if value is None else check_float(f"yarn {key}", value, minimum=0.0)
-        attention = params.get("attention_factor")
-        out["attention_factor"] = (None if attention is None
-                                   else check_float("yarn attention_factor", attention, minimum=0.0, strict_minimum=True))
-        truncate = params.get("truncate", True)
-        if truncate is None:
-            truncate = True
-        if not isinstance(truncate, bool):
-            raise TypeError(f"yarn truncate must be a bool, got {type(truncate).__name__} ({truncate!r})")
-        out["truncate"] = truncate
-
-    elif rope_type == "longrope":
-        num_pairs = rotary_dim // 2
-        orig = _positive_int("longrope original_max_position_embeddings", params["original_max_position_embeddings"])
-        out["original_max_position_embeddings"] = orig
-        out["short_factor"] = _factor_list(rope_type, "short_factor", params["short_factor"], num_pairs)
-        out["long_factor"] = _factor_list(rope_type, "long_factor", params["long_factor"], num_pairs)
-        attention = params.get("attention_factor")
-        out["attention_factor"] = (None if attention is None
-                                   else check_float("longrope attention_factor", attention, minimum=0.0, strict_minimum=True))
-        if params.get("factor") is not None:
-            out["factor"] = _factor(rope_type, params["factor"])
-        elif max_position_embeddings is not None:
-            # HF: the ratio max/orig; a ratio <= 1 means "no extension" and gives attention scale 1.
-            out["factor"] = max_position_embeddings / orig
-        elif out["attention_factor"] is None:
-            raise ValueError("longrope needs 'factor', 'attention_factor' or max_position_embeddings to set its "
-                             "attention scale, got none of them")
-        else:
-            out["factor"] = None
-
-    elif rope_type == "llama3":
-        out["factor"] = _factor(rope_type, params["factor"])
-        low = check_float("llama3 low_freq_factor", params["low_freq_factor"], minimum=0.0, strict_minimum=True)
-        high = check_float("llama3 high_freq_factor", params["high_freq_factor"], minimum=0.0, strict_minimum=True)
-        if low > high:
-            raise ValueError(f"llama3 low_freq_factor must be <= high_freq_factor, got low_freq_factor={low}, "
-                             f"high_freq_factor={high}")
-        out["low_freq_factor"], out["high_freq_factor"] = low, high
-        out["original_max_position_embeddings"] = _positive_int(
-            "llama3 original_max_position_embeddings", params["original_max_position_embeddings"])
-    return out
+    return _VALIDATORS[rope_type](rope_type, params, rotary_dim, max_position_embeddings)
 
 
 # ---------------------------------------------------------------------------------------------
 # the schedules
 # ---------------------------------------------------------------------------------------------
-def _yarn(rotary_dim: int, base: float, p: dict[str, Any]) -> tuple[Tensor, float]:
+def _default(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+             max_position_embeddings: int | None) -> tuple[Tensor, float]:
+    return default_inv_freq(rotary_dim, base), 1.0
+
+
+def _linear(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+            max_position_embeddings: int | None) -> tuple[Tensor, float]:
+    return default_inv_freq(rotary_dim, base) / p["factor"], 1.0
+
+
+def _ntk(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+         max_position_embeddings: int | None) -> tuple[Tensor, float]:
+    return default_inv_freq(rotary_dim, ntk_base(base, p["factor"], rotary_dim)), 1.0
+
+
+def _dynamic(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+             max_position_embeddings: int | None) -> tuple[Tensor, float]:
+    new_base = dynamic_ntk_base(base, p["factor"], rotary_dim, seq_len, max_position_embeddings)
+    return default_inv_freq(rotary_dim, new_base), 1.0
+
+
+def _yarn(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None = None,
+          max_position_embeddings: int | None = None) -> tuple[Tensor, float]:
     factor = p["factor"]
     if p["attention_factor"] is not None:
         attention = p["attention_factor"]
@@ -336,7 +407,8 @@ def _yarn(rotary_dim: int, base: float, p: dict[str, Any]) -> tuple[Tensor, floa
     return interpolated * ramp + extrapolated * (1 - ramp), float(attention)
 
 
-def _longrope(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None) -> tuple[Tensor, float]:
+def _longrope(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+              max_position_embeddings: int | None = None) -> tuple[Tensor, float]:
     orig = p["original_max_position_embeddings"]
     if p["attention_factor"] is not None:
         attention = p["attention_factor"]
@@ -350,7 +422,8 @@ def _longrope(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | No
     return default_inv_freq(rotary_dim, base) / ext, float(attention)
 
 
-def _llama3(rotary_dim: int, base: float, p: dict[str, Any]) -> tuple[Tensor, float]:
+def _llama3(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None = None,
+            max_position_embeddings: int | None = None) -> tuple[Tensor, float]:
     inv_freq = default_inv_freq(rotary_dim, base)
     factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
     orig = p["original_max_position_embeddings"]
@@ -366,6 +439,41 @@ def _llama3(rotary_dim: int, base: float, p: dict[str, Any]) -> tuple[Tensor, fl
     return torch.where(bands.medium, blended, out), 1.0
 
 
+def proportional_inv_freq(rotary_dim: int, base: float, proportion: float, factor: float = 1.0) -> Tensor:
+    """p-RoPE (Barbero et al. 2025, "Round and round we go!", arXiv 2410.06205, §5; Gemma 4).
+
+    ``inv_freq[j] = θ^(-2j/d) / factor`` for ``j < floor(p·d/2)`` and ``0`` for the remaining pairs,
+    which therefore pass through unrotated (cos 1, sin 0). The exponent's denominator is the whole
+    rotary width ``d`` (the head), not the rotated part: the kept pairs have exactly the frequencies of
+    full RoPE. transformers 5.24: ``_compute_proportional_rope_parameters`` (``modeling_rope_utils.py``).
+    """
+    _check_rotary_dim(rotary_dim)
+    rotated = int(proportion * rotary_dim // 2)
+    inv_freq = torch.zeros(rotary_dim // 2, dtype=torch.float64)
+    exponents = torch.arange(0, 2 * rotated, 2, dtype=torch.float64) / rotary_dim
+    inv_freq[:rotated] = 1.0 / (float(base) ** exponents)
+    return inv_freq / factor
+
+
+def _proportional(rotary_dim: int, base: float, p: dict[str, Any], seq_len: int | None,
+                  max_position_embeddings: int | None) -> tuple[Tensor, float]:
+    return proportional_inv_freq(rotary_dim, base, p["partial_rotary_factor"], p["factor"]), 1.0
+
+
+#: rope_type -> schedule(rotary_dim, base, normalised params, seq_len, max_position_embeddings)
+#: -> (float64 inv_freq, attention scale); the twin of ``_VALIDATORS``.
+_SCHEDULES = {
+    "default": _default,
+    "linear": _linear,
+    "ntk": _ntk,
+    "dynamic": _dynamic,
+    "yarn": _yarn,
+    "longrope": _longrope,
+    "llama3": _llama3,
+    "proportional": _proportional,
+}
+
+
 def compute_inv_freq(rope_type: str, rotary_dim: int, base: float, params: Mapping[str, Any] | None = None, *,
                      seq_len: int | None = None, max_position_embeddings: int | None = None) -> tuple[Tensor, float]:
     """Return ``(inv_freq, attention_scale)``: a float64 tensor of shape ``(rotary_dim // 2,)`` and a float.
@@ -377,7 +485,6 @@ def compute_inv_freq(rope_type: str, rotary_dim: int, base: float, params: Mappi
     :func:`validate_rope_params` for the keys, defaults and errors.
     """
     p = validate_rope_params(rope_type, rotary_dim, base, params, max_position_embeddings)
-    base = float(base)
     if max_position_embeddings is not None:
         max_position_embeddings = _positive_int("max_position_embeddings", max_position_embeddings)
     if seq_len is not None:
@@ -386,23 +493,9 @@ def compute_inv_freq(rope_type: str, rotary_dim: int, base: float, params: Mappi
                 raise ValueError(f"seq_len must be an int or a one-element integer tensor, got {seq_len!r}")
             seq_len = int(seq_len.item())
         check_int("seq_len", seq_len, minimum=0)
-
-    if rope_type == "default":
-        return default_inv_freq(rotary_dim, base), 1.0
-    if rope_type == "linear":
-        return default_inv_freq(rotary_dim, base) / p["factor"], 1.0
-    if rope_type == "ntk":
-        return default_inv_freq(rotary_dim, ntk_base(base, p["factor"], rotary_dim)), 1.0
-    if rope_type == "dynamic":
-        new_base = dynamic_ntk_base(base, p["factor"], rotary_dim, seq_len, max_position_embeddings)
-        return default_inv_freq(rotary_dim, new_base), 1.0
-    if rope_type == "yarn":
-        return _yarn(rotary_dim, base, p)
-    if rope_type == "longrope":
-        return _longrope(rotary_dim, base, p, seq_len)
-    return _llama3(rotary_dim, base, p)
+    return _SCHEDULES[rope_type](rotary_dim, float(base), p, seq_len, max_position_embeddings)
 
 
 __all__ = ["ROPE_TYPES", "compute_inv_freq", "validate_rope_params", "default_inv_freq", "wavelengths",
            "ntk_base", "dynamic_ntk_base", "yarn_mscale", "yarn_correction_range", "yarn_ramp",
-           "Llama3Bands", "llama3_bands"]
+           "Llama3Bands", "llama3_bands", "proportional_inv_freq"]

@@ -2,7 +2,7 @@
 
 The reference path (``posemb.model.attention.attend`` with ``bias_path="dense"``) asks the scheme
 for ``score_bias`` (batch, heads, Lq, Lk), masks it and hands it to SDPA. Two costs dominate on
-CPU (``shared/reference/cpu_performance.md``): building the bias (T5's buckets take 8x the
+CPU (measured with ``posemb bench``): building the bias (T5's buckets take 8x the
 attention itself at L=2048), and SDPA with a mask computing the whole L x L square where
 ``is_causal=True`` skips the upper half. Two fast paths avoid both:
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posemb._validation import check_choice, check_int
+from posemb.functional.relative import consecutive_offset
 
 BIAS_PATHS = ("auto", "dense", "toeplitz", "flex")
 #: queries per SDPA call in the Toeplitz path: large enough to keep the kernel busy, small enough
@@ -53,17 +54,12 @@ def flex_available() -> bool:
     return True
 
 
-def consecutive_offset(q_positions: Tensor, k_positions: Tensor) -> int | None:
+def key_query_delta(q_positions: Tensor, k_positions: Tensor) -> int | None:
     """``delta`` with ``k_positions[b, j] - q_positions[b, i] == (j - i) + delta`` for every b, i, j,
-    or None when the positions are not consecutive integers with one such offset (one host sync)."""
-    checks = []
-    for positions in (q_positions, k_positions):
-        if positions.shape[1] > 1:
-            checks.append((positions[:, 1:] - positions[:, :-1] == 1).all())
-    delta = k_positions[:, :1] - q_positions[:, :1]
-    checks.append((delta == delta.reshape(-1)[0]).all())
-    flags = torch.stack([torch.stack(checks).all().long(), delta.reshape(-1)[0].long()]).tolist()
-    return int(flags[1]) if flags[0] else None
+    or None when the positions are not consecutive integers with one such offset: the negated
+    :func:`posemb.functional.relative.consecutive_offset` (one host sync)."""
+    offset = consecutive_offset(q_positions, k_positions)
+    return None if offset is None else -offset
 
 
 def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delta: int, *, causal: bool,
@@ -162,7 +158,7 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor,
         else:
             return None
         if path == "toeplitz":
-            delta = consecutive_offset(q_positions, k_positions)
+            delta = key_query_delta(q_positions, k_positions)
             if delta is None:
                 return None
             return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal)
@@ -170,7 +166,7 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor,
     if path == "toeplitz":
         if not has_distance:
             raise ValueError(f"path='toeplitz' needs a distance_bias method, which {name} does not have")
-        delta = consecutive_offset(q_positions, k_positions)
+        delta = key_query_delta(q_positions, k_positions)
         if delta is None:
             raise ValueError("path='toeplitz' needs consecutive positions with one key-query offset for "
                              "every batch row; use path='auto' or 'dense' for other positions")

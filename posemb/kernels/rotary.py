@@ -8,7 +8,7 @@ The rotation (Su et al. 2021, RoFormer, arXiv 2104.09864, Eq. 34) turns each cha
 Pairs are ``(i, i + r/2)`` in the half-split layout (Hugging Face ``rotate_half``, the default)
 and ``(2i, 2i + 1)`` when ``interleaved=True``; channels past ``r`` pass through (partial rotary).
 ``cos``/``sin`` are (batch or 1, seq, r/2), normally float32 tables built by
-``posemb.functional.rope.rotary_cos_sin`` from explicit positions, so position offsets (KV-cache
+:func:`posemb.functional.rope.rotary_cos_sin` from explicit positions, so position offsets (KV-cache
 decoding) are just other rows of the table. Math runs in float32 (float64 for float64 inputs) and
 the result is returned in ``x.dtype``.
 
@@ -25,8 +25,9 @@ cpu        CPU tensors otherwise             eager chunked, in-place/``out=``: n
                                              of the size of ``x`` (``rotary_cpu.py``)
 triton     CUDA tensors, triton installed,   one Triton kernel (``rotary_triton.py``)
            dtype not float64
-reference  anything else, or when cos/sin     the plain formula below: the test oracle
-           require grad
+reference  anything else, or when cos/sin     the plain formula,
+           require grad                      :func:`posemb.functional.rope.apply_rotary`
+                                             (the oracle of the others)
 ========== ================================= ==============================================
 
 Autograd: the rotation is linear in ``x`` and orthogonal, so its backward is the rotation of the
@@ -42,30 +43,9 @@ import torch
 from torch import Tensor
 
 from posemb._validation import check_choice, check_tensor
+from posemb.functional.rope import apply_rotary as rotation_formula
 
 BACKENDS = ("auto", "compiled", "cpu", "triton", "reference")
-
-
-# ---- the plain formula: reference and fallback ------------------------------------------------
-def rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
-    """The rotation written plainly (new tensors, differentiable in x, cos and sin).
-
-    This is the oracle the fast paths are tested against; it follows the same contract as
-    ``posemb.functional.rope.apply_rotary``.
-    """
-    compute = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32)
-    rotary = 2 * cos.shape[-1]
-    cos4, sin4 = cos.to(compute)[:, None], sin.to(compute)[:, None]
-    rotated = x[..., :rotary].to(compute)
-    if interleaved:
-        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
-    else:
-        x1, x2 = rotated[..., : rotary // 2], rotated[..., rotary // 2:]
-    y1 = x1 * cos4 - x2 * sin4
-    y2 = x2 * cos4 + x1 * sin4
-    y = torch.stack((y1, y2), dim=-1).flatten(-2) if interleaved else torch.cat((y1, y2), dim=-1)
-    y = y.to(x.dtype)
-    return y if rotary == x.shape[-1] else torch.cat((y, x[..., rotary:]), dim=-1)
 
 
 # ---- back-end selection -----------------------------------------------------------------------
@@ -121,7 +101,7 @@ def _run_kernel(backend: str, x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, 
     if backend == "triton":
         from posemb.kernels.rotary_triton import rotate_triton
         return rotate_triton(x, cos, sin, out, interleaved=interleaved, sign=sign)
-    result = rotary_reference(x, cos, sin if sign > 0 else -sin, interleaved=interleaved)
+    result = rotation_formula(x, cos, sin if sign > 0 else -sin, interleaved=interleaved)
     return out.copy_(result)
 
 
@@ -275,7 +255,7 @@ def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool,
                          "call without out= to get a differentiable result")
     if grad_needed and (cos.requires_grad or sin.requires_grad):
         # Gradients for the tables themselves: the plain formula, differentiable in all inputs.
-        result = rotary_reference(x, cos, sin, interleaved=interleaved)
+        result = rotation_formula(x, cos, sin, interleaved=interleaved)
         return x.copy_(result) if inplace else result
     # Small (B|1, L, r/2) tables: contiguous copies are cheap and simplify every kernel.
     cos, sin = cos.contiguous(), sin.contiguous()

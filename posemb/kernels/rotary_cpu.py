@@ -10,8 +10,7 @@ with pairs ``(i, i + r/2)`` in the half-split layout (Hugging Face ``rotate_half
 ``(2i, 2i + 1)`` in the interleaved layout (the paper, Meta's reference code). ``sign=-1``
 rotates by ``-theta`` (the inverse, which is also the backward of the rotation).
 
-Why it is written this way (numbers in ``shared/reference/cpu_performance.md`` and
-``docs/performance.md``):
+Why it is written this way (measurements in ``docs/performance.md``):
 
 * A fresh output of >= 32 MiB costs one page fault per 4 KiB page with glibc's allocator, which
   is more than the arithmetic. So the in-place path writes back into ``x`` and the ``out=`` path

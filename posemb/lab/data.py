@@ -131,7 +131,8 @@ def load_corpus(path: str | os.PathLike | None = None, *,
     * a file: its last ``validation_fraction`` of bytes is validation.
 
     Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for one that is empty,
-    unreadable or gives an empty split.
+    unreadable or gives an empty split, and for an empty string (which ``Path`` would read as the
+    current directory).
     """
     check_float("validation_fraction", validation_fraction, minimum=0.0, maximum=1.0, strict_minimum=True)
     if validation_fraction >= 1.0:
@@ -149,6 +150,9 @@ def load_corpus(path: str | os.PathLike | None = None, *,
         return Corpus(_as_tensor(train), _as_tensor(validation), source, len(train_files),
                       len(validation_files), rule, _fingerprint(train, validation))
 
+    if not str(path).strip():
+        raise ValueError(f"data path must name a text file or a directory, got {str(path)!r}; leave it out "
+                         "for the default corpus (the standard library's source)")
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data path {str(root)!r} does not exist")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -18,8 +19,9 @@ from torch import Tensor
 from posemb._validation import check_int
 from posemb.lab import passkey
 from posemb.lab.data import windows
+from posemb.lab.distributed import dist_info
 from posemb.lab.progress import token_bar
-from posemb.lab.train import ModelConfig, build_model, dist_info
+from posemb.lab.train import ModelConfig, build_model
 from posemb.model import TransformerLM
 from posemb.schemes.base import PositionalScheme
 from posemb.schemes.learned import PositionOutOfRange
@@ -28,8 +30,28 @@ BEYOND_N_MAX = "n/a (beyond N_max)"
 #: position buckets per doubling of the position in the loss-by-position curves
 BUCKETS_PER_OCTAVE = 4
 
-#: Inference-time RoPE schedules evaluated on a model trained with the default schedule.
-ROPE_VARIANTS = ("linear", "ntk", "dynamic", "yarn", "llama3")
+#: Inference-time variants of a trained scheme, evaluated on its weights without fine-tuning:
+#: trained scheme -> variant names. :func:`variant_model` builds each; its label in the report is
+#: :func:`variant_label`.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "rope": ("linear", "ntk", "dynamic", "yarn", "llama3"),
+}
+ROPE_VARIANTS = VARIANTS["rope"]
+
+
+def variant_label(scheme: str, variant: str | None) -> str:
+    """The report's name for ``scheme`` (``variant=None``) or one of its variants: ``rope+yarn``."""
+    return scheme if variant is None else f"{scheme}+{variant}"
+
+
+def evaluation_labels(scheme: str, variants: tuple[str, ...]) -> dict[str, dict]:
+    """``{label: {"base_scheme", "variant"}}`` of what a run of ``scheme`` is evaluated as: the
+    trained scheme itself, then each of ``variants`` that applies to it (:data:`VARIANTS`)."""
+    labels = {scheme: {"base_scheme": scheme, "variant": None}}
+    for variant in variants:
+        if variant in VARIANTS.get(scheme, ()):
+            labels[variant_label(scheme, variant)] = {"base_scheme": scheme, "variant": variant}
+    return labels
 
 
 def rope_variant_options(variant: str, factor: float, train_length: int) -> dict:
@@ -87,6 +109,15 @@ def rope_variant_model(state: dict, variant: str, factor: float, model_config: M
                        train_length: int, device: str) -> TransformerLM:
     model = build_model("rope", model_config, train_length, **rope_variant_options(variant, factor, train_length))
     return load_trained_weights(model, state).to(device).eval()
+
+
+def variant_model(scheme: str, variant: str, state: dict, factor: float, model_config: ModelConfig,
+                  train_length: int, device: str) -> TransformerLM:
+    """The trained weights ``state`` of ``scheme`` in a model rebuilt with ``variant`` at
+    ``factor = eval length / train length``."""
+    if scheme == "rope":
+        return rope_variant_model(state, variant, factor, model_config, train_length, device)
+    raise ValueError(f"no inference-time variants are defined for scheme {scheme!r}; known: {sorted(VARIANTS)}")
 
 
 # ---- language-model loss by length --------------------------------------------------------------

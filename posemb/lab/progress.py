@@ -44,9 +44,10 @@ class StudyLog:
     only as good as the runs are alike (content-site schemes are slower than the others).
     """
 
-    def __init__(self, total_runs: int, *, enabled: bool = True) -> None:
+    def __init__(self, total_runs: int, *, enabled: bool = True, warnings: bool = True) -> None:
         self.total_runs = total_runs
         self.enabled = enabled
+        self.warnings = warnings
         self.start = time.perf_counter()
         self.done_durations: list[float] = []
         self.current = 0
@@ -62,6 +63,11 @@ class StudyLog:
 
     def finish(self) -> None:
         self.finished = True
+
+    def warn(self, message: str) -> None:
+        """A line the user must see (a damaged file set aside), even with progress off."""
+        if self.warnings:
+            tqdm.write(f"posemb study: warning: {message}", file=sys.stderr)
 
     def write(self, message: str) -> None:
         if not self.enabled:

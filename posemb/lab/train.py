@@ -37,9 +37,22 @@ from torch import Tensor, nn
 
 from posemb._validation import check_float, check_int
 from posemb.lab.checkpoint import atomic_torch_save, load_checkpoint
+from posemb.lab.distributed import (barrier, dist_info, exit_process, init_distributed, resolve_device,
+                                    shutdown_distributed)
+from posemb.lab.errors import TrainingDiverged, exit_code, user_message
 from posemb.lab.progress import token_bar
 from posemb.model import TransformerLM
 from posemb.registry import scheme_class, scheme_options
+
+
+#: Upper bounds on sizes, far above anything this lab trains, so that a typo (an extra zero or
+#: three) is an error naming the argument instead of an exhausted memory.
+MAX_LENGTH = 1 << 20
+MAX_DIM = 1 << 15
+MAX_DEPTH = 1 << 10
+MAX_BATCH_SIZE = 1 << 16
+MAX_STEPS = 1 << 31
+MAX_BATCH_TOKENS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,10 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         for name in ("vocab_size", "dim", "depth", "heads", "mlp_ratio"):
             check_int(name, getattr(self, name), minimum=1)
+        check_int("vocab_size", self.vocab_size, maximum=1 << 20)
+        check_int("dim", self.dim, maximum=MAX_DIM)
+        check_int("depth", self.depth, maximum=MAX_DEPTH)
+        check_int("mlp_ratio", self.mlp_ratio, maximum=64)
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         return self
@@ -70,11 +87,14 @@ class TrainConfig:
     grad_clip: float = 1.0
 
     def validate(self) -> "TrainConfig":
-        check_int("train_length", self.train_length, minimum=2)
-        check_int("batch_size", self.batch_size, minimum=1)
+        check_int("train_length", self.train_length, minimum=2, maximum=MAX_LENGTH)
+        check_int("batch_size", self.batch_size, minimum=1, maximum=MAX_BATCH_SIZE)
         if isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps <= 0:
             raise ValueError(f"steps must be a positive number of optimizer steps, got {self.steps}")
-        check_int("steps", self.steps, minimum=1)
+        check_int("steps", self.steps, minimum=1, maximum=MAX_STEPS)
+        if self.batch_size * self.train_length > MAX_BATCH_TOKENS:
+            raise ValueError(f"batch_size x train_length must be <= {MAX_BATCH_TOKENS:,} tokens per step, got "
+                             f"{self.batch_size} x {self.train_length} = {self.batch_size * self.train_length:,}")
         check_float("lr", self.lr, minimum=0.0, strict_minimum=True)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_float("min_lr_ratio", self.min_lr_ratio, minimum=0.0, maximum=1.0)
@@ -134,76 +154,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-# ---- distributed ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size of the current process group (1 process when none is initialised)."""
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo()
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-
-
-def init_distributed(device: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, NCCL
-    on CUDA); a plain process stays alone. Returns this process's :class:`DistInfo`."""
-    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
-        return dist_info()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
-    return dist_info()
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` means CUDA when present, else CPU; under DDP on CUDA, each rank its LOCAL_RANK GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
-        if device == "cuda" and launched_by_torchrun():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    elif device != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return device
-
-
-def shutdown_distributed(*, wait: bool = True) -> None:
-    """Leave the process group: wait for every rank (``wait``), then destroy it. Without the
-    barrier one rank could tear down gloo while its peer still used the connection, and gloo's
-    background thread then aborted the process at exit ("terminate called without an active
-    exception", seen in about half of 2-process CPU runs). After an error, ``wait=False``: the
-    other ranks may never reach the barrier."""
-    if dist.is_available() and dist.is_initialized():
-        if wait:
-            dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist_info().active:
-        dist.barrier()
-
+# ---- checks ------------------------------------------------------------------------------------
 
 def parameter_digest(model: nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in order: equal digests mean bit-identical replicas."""
@@ -224,24 +175,24 @@ class TrainResult:
     tokens_per_s: float
     final_loss: float
     resumed_from_step: int
+    checkpoint_sha256: str | None = None  # of the final checkpoint, on the rank that wrote it
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class StopTraining(Exception):
-    """Raised by an ``on_step`` hook in tests to simulate an interruption (Ctrl-C / kill)."""
-
-
 def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Tensor]], config: TrainConfig, *,
                 device: str = "cpu", checkpoint_path: str | os.PathLike | None = None,
                 checkpoint_every_s: float = 30.0, checkpoint_every_steps: int | None = None,
-                progress: bool = True, desc: str = "train",
+                progress: bool = True, desc: str = "train", name: str | None = None,
                 on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``config.steps`` steps, resuming from ``checkpoint_path`` if it exists.
 
     ``batches(step)`` returns the global (inputs, targets) batch of that step, each (batch, length).
     ``on_step(step)`` is called after each finished step (its checkpoint, if due, already written).
+    A loss that is not finite stops training with :class:`TrainingDiverged` naming the run
+    (``name``, default ``desc``) and the step, before that step changes the weights; the last
+    checkpoint stays as it was.
     """
     config.validate()
     info = dist_info()
@@ -255,7 +206,8 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
     start_step, train_seconds, recent_loss = 0, 0.0, float("nan")
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
+        state = load_checkpoint(checkpoint_path, map_location=device,
+                                advice="delete it to train from the start")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, train_seconds = int(state["step"]), float(state["train_seconds"])
@@ -269,11 +221,18 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
     use_amp = device.startswith("cuda")
     tokens_per_step = config.batch_size * config.train_length
 
-    def save(step: int) -> None:
-        if checkpoint_path is not None and info.is_main:
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                               "train_seconds": train_seconds, "recent_loss": recent_loss,
-                               "train_config": asdict(config)}, checkpoint_path)
+    saved_step = start_step if checkpoint_path is not None and checkpoint_path.exists() else None
+
+    def save(step: int) -> str | None:
+        nonlocal saved_step
+        if checkpoint_path is None:
+            return None
+        saved_step = step
+        if not info.is_main:
+            return None
+        return atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                  "train_seconds": train_seconds, "recent_loss": recent_loss,
+                                  "train_config": asdict(config)}, checkpoint_path)
 
     model.train()
     last_save = time.perf_counter()
@@ -289,14 +248,18 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = trained(inputs)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                kept = (f"its checkpoint from step {saved_step} is kept" if saved_step is not None
+                        else "no checkpoint was written")
+                raise TrainingDiverged(f"{name or desc}: training diverged, the loss became {value} at step "
+                                       f"{step + 1} of {config.steps} (lr {lr_at(step, config):.3g}); lower --lr. "
+                                       f"The run is not marked finished; {kept}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step}; lower --lr")
             losses.append(value)
             losses = losses[-20:]
             recent_loss = sum(losses) / len(losses)
@@ -316,13 +279,13 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
         summary = torch.tensor([recent_loss, train_seconds], dtype=torch.float64, device=device)
         dist.all_reduce(summary)
         recent_loss, train_seconds = (summary / info.world_size).tolist()
-    save(config.steps)
+    digest = save(config.steps)
     barrier()
     model.eval()
     trained_tokens = config.steps * tokens_per_step
     return TrainResult(steps=config.steps, tokens=trained_tokens, train_seconds=train_seconds,
                        tokens_per_s=trained_tokens / train_seconds if train_seconds > 0 else float("nan"),
-                       final_loss=recent_loss, resumed_from_step=start_step)
+                       final_loss=recent_loss, resumed_from_step=start_step, checkpoint_sha256=digest)
 
 
 # ---- command line (one scheme; runs under torchrun) ---------------------------------------------
@@ -348,13 +311,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m posemb.lab.train ...``; errors the user can fix are one line on stderr."""
     args = _parse(argv)
+    try:
+        return _train_one(args)
+    except Exception as error:  # noqa: BLE001 - only errors user_message knows are turned into a line
+        line = user_message(error)
+        if line is None:
+            raise
+        print(f"python -m posemb.lab.train: error: {line}", file=sys.stderr)
+        return exit_code(error)
+
+
+def _train_one(args: argparse.Namespace) -> int:
+    from posemb.lab.data import RandomWindows, load_corpus
+
     if args.threads:
         torch.set_num_threads(check_int("threads", args.threads, minimum=1))
     device = resolve_device(args.device)
     info = init_distributed(device)
     try:
-        from posemb.lab.data import RandomWindows, load_corpus
 
         model_config = ModelConfig(dim=args.dim, depth=args.depth, heads=args.heads).validate()
         config = TrainConfig(train_length=args.train_length, batch_size=args.batch_size, steps=args.steps,
@@ -381,18 +357,5 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_distributed(wait=sys.exc_info()[0] is None)
 
 
-def exit_now(code: int) -> None:
-    """End a ``torchrun`` worker without running C++ static destructors. Even after a barrier and
-    ``destroy_process_group``, gloo's threads were sometimes torn down in the wrong order at
-    interpreter exit and the process aborted ("terminate called without an active exception",
-    exit -6) after all of its work was done and written. Flushing and ``os._exit`` skips that."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _code = main()
-    if launched_by_torchrun():
-        exit_now(_code)
-    raise SystemExit(_code)
+    exit_process(main())

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from posemb._validation import check_int, check_tensor
+from posemb._validation import check_bool, check_choice, check_heads, check_int, check_tensor, check_width
 from posemb.model.cache import LayerCache
-from posemb.schemes.base import PositionalScheme
+from posemb.schemes.base import POSITION_LAYOUTS, PositionalScheme, check_positions
 
 # Content site (Shaw, Transformer-XL, DeBERTa); see _content_attention and docs/performance.md.
 # With autograd: elements of one score block (batch * heads * rows * keys), ~64 MiB in fp32. Autograd
@@ -63,11 +63,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme | None, q_p
             return fast
     bias = scheme.score_bias(q_positions, k_positions) if site == "bias" else None
     if bias is None:
+        # A rotation scheme may change the softmax scale (DeepSeek MLA's YaRN mscale^2); SDPA's
+        # default 1/sqrt(d) otherwise.
+        scale = (scheme.logit_scale(q.shape[-1]) if site == "rotation"
+                 and type(scheme).logit_scale is not PositionalScheme.logit_scale else None)
         if not causal or q_len == 1:
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if q_len == k_len:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, q.device), scale=scale)
     # A 4-D mask keeps SDPA off its slow math kernel (a 3-D one silently falls back to it).
     bias = bias.to(q.dtype)
     if bias.dim() != 4 or bias.shape[1] != q.shape[1] or bias.shape[-2:] != (q_len, k_len) \
@@ -88,7 +92,7 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     Without autograd, queries and keys are cut into tiles of ``_content_tile`` size, visited one key
     diagonal at a time, and combined by an online softmax into the preallocated output: peak memory
     is the output plus a few tiles (``docs/performance.md``). With autograd, whole rows of keys per
-    query block and a plain softmax, so autograd saves one probability block per block as before.
+    query block and a plain softmax, so autograd saves one probability block per block.
     """
     state = scheme.prepare_relative(q, k, q_positions, k_positions)
     hook_options = {} if state is None else {"state": state}
@@ -97,9 +101,16 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     rows, keys = _content_tile(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q[..., :1].numel() * v.shape[-1])
     # One tile holds everything (decoding, short inputs): the plain softmax of the rows path is the
     # same memory with fewer operations.
-    if needs_grad or torch.compiler.is_compiling() or (rows >= q.shape[2] and keys >= k.shape[2]):
+    # CoPE-like schemes (``content_whole_rows``) need all of a query's keys in one call.
+    if needs_grad or torch.compiler.is_compiling() or (rows >= q.shape[2] and keys >= k.shape[2]) \
+            or getattr(scheme, "content_whole_rows", False):
         return _content_rows(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
     return _content_tiles(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
+
+
+def _block_indices(scheme: PositionalScheme, rows: tuple[int, int], keys: tuple[int, int]) -> dict:
+    """The block's index ranges as hook keywords, for schemes that ask (``content_block_indices``)."""
+    return {"rows": rows, "keys": keys} if getattr(scheme, "content_block_indices", False) else {}
 
 
 def _content_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions: Tensor, k_positions: Tensor,
@@ -118,7 +129,8 @@ def _content_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions:
         shape = (*q.shape[:2], row_stop - row_start, key_stop - key_start)
         scores = torch.matmul(q_block, k_block.transpose(-1, -2), out=workspace[:math.prod(shape)].view(shape))
     extra = scheme.relative_logits(q_block, k_block, q_positions[:, row_start:row_stop],
-                                   k_positions[:, key_start:key_stop], **hook_options)
+                                   k_positions[:, key_start:key_stop], **hook_options,
+                                   **_block_indices(scheme, rows, keys))
     for term in () if extra is None else extra if isinstance(extra, (tuple, list)) else (extra,):
         scores = scores.add_(term) if term.dtype == scores.dtype else scores + term
     if scores.dtype not in (torch.float32, torch.float64):
@@ -149,7 +161,7 @@ def _content_rows(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_p
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = probs @ v[:, :, :key_stop]
         extra_values = scheme.relative_values(probs, q_positions[:, start:stop], k_positions[:, :key_stop],
-                                              **hook_options)
+                                              **hook_options, **_block_indices(scheme, (start, stop), (0, key_stop)))
         outputs.append(out if extra_values is None else out + extra_values)
         start = stop
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
@@ -234,7 +246,8 @@ def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_
             probs = probs.to(v.dtype)
             values = probs @ v[:, :, key_start:key_stop]
             extra_values = scheme.relative_values(probs, q_positions[:, row_start:row_stop],
-                                                  k_positions[:, key_start:key_stop], **hook_options)
+                                                  k_positions[:, key_start:key_stop], **hook_options,
+                                                  **_block_indices(scheme, (row_start, row_stop), (key_start, key_stop)))
             if extra_values is not None:
                 values = values.add_(extra_values)
             if first:
@@ -251,6 +264,22 @@ def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_
     return acc if exact else acc.to(out_dtype)
 
 
+def resolve_position_layout(scheme: PositionalScheme | None, position_layout: str | None,
+                            position_axes: int | None) -> tuple[str, int]:
+    """``(layout, axes)`` of the positions an attention layer receives: the scheme's, or the given
+    ones, which must be the scheme's unless the scheme reads no positions (NoPE)."""
+    reads = scheme is not None and scheme.site != "none"
+    own = (scheme.position_layout, scheme.position_axes) if reads else ("batch seq", 1)
+    if position_layout is None:
+        return own
+    check_choice("position_layout", position_layout, POSITION_LAYOUTS)
+    axes = 1 if position_layout == "batch seq" else check_int("position_axes", position_axes, minimum=1)
+    if reads and (position_layout, axes) != own:
+        raise ValueError(f"position_layout={position_layout!r} with position_axes={axes} does not match scheme "
+                         f"{scheme.name!r}, which reads {own[1]} coordinate(s) per token as {own[0]!r}")
+    return position_layout, axes
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention, causal or bidirectional, with an optional positional scheme.
 
@@ -260,20 +289,25 @@ class MultiHeadAttention(nn.Module):
         scheme: a :class:`PositionalScheme` (or None for no position information).
         causal: mask future tokens (decoder) or not (encoder).
         bias: use biases in the projections.
+        position_layout: the shape of ``positions`` (:data:`posemb.schemes.base.POSITION_LAYOUTS`);
+            default: the scheme's. A model whose layers mix schemes passes its own (a NoPE layer
+            of an M-RoPE model receives (3, batch, seq) positions and only caches them).
+        position_axes: coordinates per token for a multi-axis ``position_layout``.
     """
 
     def __init__(self, dim: int, num_heads: int, scheme: PositionalScheme | None = None, *,
-                 causal: bool = True, bias: bool = False) -> None:
+                 causal: bool = True, bias: bool = False, position_layout: str | None = None,
+                 position_axes: int | None = None) -> None:
         super().__init__()
-        check_int("dim", dim, minimum=1)
-        check_int("num_heads", num_heads, minimum=1)
+        check_width("dim", dim)
+        check_heads("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.causal = causal
+        self.causal = check_bool("causal", causal)
+        check_bool("bias", bias)
         self.scheme = scheme
+        self.position_layout, self.position_axes = resolve_position_layout(scheme, position_layout, position_axes)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
@@ -282,10 +316,12 @@ class MultiHeadAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
         batch, length, _ = x.shape
-        check_tensor("positions", positions, ndim=2, integer=True)
-        if tuple(positions.shape) != (batch, length):
-            raise ValueError(f"positions must have shape (batch, seq) = {(batch, length)} like x, "
-                             f"got {tuple(positions.shape)}")
+        if batch == 0 or length == 0:
+            raise ValueError(f"x must hold at least one sequence and one position, got shape {tuple(x.shape)}")
+        check_positions("positions", positions, self.position_layout, self.position_axes, batch, length)
+        if x.is_meta or positions.is_meta:
+            raise ValueError("x and positions must hold values, got a tensor on the meta device")
+        # (batch, seq, 3 * dim) -> 3 x (batch, heads, seq, head_dim)
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scheme = self.scheme
         site = "none" if scheme is None else scheme.site
@@ -293,11 +329,11 @@ class MultiHeadAttention(nn.Module):
         if site == "rotation" and (cache is None or scheme.caches_rotated_keys):
             q, k = scheme.rotate(q, k, positions, positions)
             if cache is not None:
-                k, v, k_positions = cache.append(k, v, positions)
+                k, v, k_positions = cache.append(k, v, positions, layout=self.position_layout)
         elif site == "rotation":
-            raw_k, v, k_positions = cache.append(k, v, positions)
+            raw_k, v, k_positions = cache.append(k, v, positions, layout=self.position_layout)
             q, k = scheme.rotate(q, raw_k, positions, k_positions)
         elif cache is not None:
-            k, v, k_positions = cache.append(k, v, positions)
-        out = attend(q, k, v, scheme, positions, k_positions, causal=self.causal)
-        return self.out(out.transpose(1, 2).reshape(batch, length, self.dim))
+            k, v, k_positions = cache.append(k, v, positions, layout=self.position_layout)
+        out = attend(q, k, v, scheme, positions, k_positions, causal=self.causal)  # (batch, heads, seq, head_dim)
+        return self.out(out.transpose(1, 2).reshape(batch, length, self.dim))     # (batch, seq, dim)

@@ -18,23 +18,32 @@ that transformers loads gives the same ``inv_freq`` here:
 * **Rotary fraction.** ``partial_rotary_factor`` in the dict or at the top level, else GPT-NeoX's
   ``rotary_pct`` (default 0.25 for ``model_type == "gpt_neox"``, as ``GPTNeoXConfig``), else GPT-J's
   absolute ``rotary_dim``, else 1. ``rotary_dim = int(head_dim * partial_rotary_factor)`` (HF's rounding).
-* **Head size.** ``head_dim``, else DeepSeek's ``qk_rope_head_dim`` (only that slice is rotated),
-  else ``hidden_size // num_attention_heads`` (GPT-J's ``n_embd``/``n_head`` also work).
+* **Head size.** ``head_dim`` (raw ``config.json`` spellings ``kv_channels``, ``attention_head_dim``),
+  else DeepSeek's ``qk_rope_head_dim`` (only that slice is rotated), else ``hidden_size //
+  num_attention_heads`` (GPT-J's ``n_embd``/``n_head`` also work). Heterogeneous configs (Gemma 4's
+  ``per_layer_config``) give each layer type its own head size.
+* **Which config.** A composite (multimodal) config without rope keys of its own is read through its
+  text config (``get_text_config()``, or a dict's ``text_config``), as the model's text stack does.
 * **Pretraining length.** For llama3/yarn/longrope a top-level ``original_max_position_embeddings``
   (Phi-3 style) overrides the dict's; if neither exists it is ``max_position_embeddings`` (HF's
   ``standardize_rope_params``).
-* **Layout.** ``rope_interleave`` when the config has it (DeepSeek-V3 and other MLA models), else
-  ``"interleaved"`` for model types that rotate adjacent pairs (GPT-J, CodeGen, Llama 4, DeepSeek-V2/V3 and
-  the MLA models whose ``rope_interleave`` defaults to True), else ``"half"`` (rotate_half, NeoX/Llama).
-  Only the pairing differs; a checkpoint whose q/k rows were permuted at conversion needs
+* **Layout.** Decided per ``model_type`` by :mod:`posemb.rotary.architectures` (each entry names the
+  transformers function it mirrors: Cohere, GLM, ERNIE 4.5, Helium, GPT-J, Llama 4 and the MLA models
+  pair adjacent channels although their configs are silent). For a model type the table does not
+  know: ``rope_interleave`` if the config has it, else an explicit ``layout=``, else half-split with a
+  warning that says so. A checkpoint whose q/k rows were permuted at conversion needs
   ``from_hf_config(config, layout="half")``.
+* **Refused.** Architectures whose rotary is not a 1-D RoPE on the leading channels (M-RoPE,
+  ``axial`` 2-D vision RoPE, DeepSeek-V4's trailing channels, NanoChat's -θ; ``architectures.REFUSED``)
+  raise ``ValueError`` with the reason.
 
 Anything that would load silently but compute a different model raises ``ValueError`` naming the key:
 an unknown ``rope_type`` (the message lists the known ones), a missing required key, ``factor < 1``,
 ``low_freq_factor > high_freq_factor``, factor lists of the wrong length, a non-positive base, a
 ``partial_rotary_factor`` outside (0, 1], an odd rotary dimension, and (with ``strict=True``, the
-default) any key the schedule does not use — transformers only warns about those, but keys such as
-``mrope_section`` or Phi-3.5-MoE's ``short_mscale`` change the model in other engines.
+default) any key the schedule does not use — transformers only warns about some of them, but keys
+such as Phi-3.5-MoE's ``short_mscale`` change the model in vLLM, and Ministral 3's
+``llama_4_scaling_beta`` scales its queries in transformers itself.
 """
 from __future__ import annotations
 
@@ -42,54 +51,98 @@ import math
 import warnings
 from typing import Any, Mapping
 
-from posemb._validation import check_float, check_int
+from posemb._validation import check_choice, check_float, check_int
 from posemb.functional.rope_schedules import ROPE_TYPES, _ALLOWED_KEYS, validate_rope_params
+from posemb.rotary import architectures
 
 #: legacy / engine-specific names accepted for ``rope_type``
 ROPE_TYPE_ALIASES = {"su": "longrope"}
-#: model types whose rotation pairs adjacent channels (2i, 2i+1) when the config says nothing: complex-number
-#: RoPE (GPT-J, CodeGen, Llama 4, DeepSeek-V2) and the MLA models whose ``rope_interleave`` defaults to True
-_INTERLEAVED_MODEL_TYPES = {"gptj", "codegen", "llama4", "llama4_text", "deepseek_v2", "deepseek_v3", "mistral4",
-                            "glm4_moe_lite", "sarvam_mla", "youtu", "axk1"}
 _NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope")
 #: keys the schedule dict may carry besides the schedule's own parameters
 _META_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+#: model types whose rotary reads an absolute ``rotary_dim`` (GPTJRotaryEmbedding, CodeGen); transformers
+#: ignores the key everywhere else, so posemb does too
+_ROTARY_DIM_MODEL_TYPES = ("gptj", "codegen")
+#: keys that make a config a rotary config of its own (a composite config without them is read through its text config)
+_ROPE_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "head_dim", "num_attention_heads", "n_head")
 _MISSING = object()
 
 
 class _Reader:
     """Reads a field from a ``PretrainedConfig`` (attributes, including ``attribute_map`` aliases) or a dict."""
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, overrides: Mapping[str, Any] | None = None):
         if isinstance(config, Mapping):
             self.mapping: Mapping[str, Any] | None = config
-        elif hasattr(config, "__dict__") or hasattr(config, "to_dict"):
+        elif hasattr(config, "to_dict"):
             self.mapping = None
         else:
             raise TypeError(f"config must be a transformers PretrainedConfig or a dict, got {type(config).__name__}")
         self.config = config
         self.is_object = self.mapping is None
+        self.overrides = dict(overrides or {})
 
     def get(self, *names: str, default: Any = None) -> Any:
         for name in names:
-            if self.mapping is not None:
+            if name in self.overrides:
+                value = self.overrides[name]
+            elif self.mapping is not None:
                 value = self.mapping.get(name, _MISSING)
             else:
                 with warnings.catch_warnings():  # v5's ``rope_scaling`` property warns on access
                     warnings.simplefilter("ignore")
                     try:
                         value = getattr(self.config, name, _MISSING)
-                    except Exception:  # a property that cannot answer counts as absent
+                    except (AttributeError, KeyError):
                         value = _MISSING
             if value is not _MISSING and value is not None:
                 return value
         return default
 
-    def has(self, name: str) -> bool:
-        return self.get(name, default=_MISSING) is not _MISSING
+
+def _text_config(config: Any) -> Any:
+    """The config whose rotary the model's text stack builds: ``config`` itself, or its text config
+    when ``config`` is a composite without rope keys of its own."""
+    if isinstance(config, Mapping):
+        text = config.get("text_config")
+        if isinstance(text, Mapping) and not any(config.get(k) is not None for k in _ROPE_KEYS):
+            return text
+        return config
+    if hasattr(config, "get_text_config"):
+        text = config.get_text_config()
+        if text is not None and text is not config and not any(
+                getattr(config, k, None) is not None for k in _ROPE_KEYS if k in vars(config)):
+            return text
+    return config
 
 
-def _schedule_dict(reader: _Reader, layer_type: str | None) -> dict[str, Any]:
+def _layer_overrides(reader: _Reader, layer_type: str | None) -> dict[str, Any]:
+    """Per-layer-type config fields of a heterogeneous config (Gemma 4: ``per_layer_config``), e.g.
+    ``{"head_dim": 512}`` for its full-attention layers."""
+    if layer_type is None:
+        return {}
+    if reader.is_object:
+        if not getattr(reader.config, "is_heterogeneous", False):
+            return {}
+        view = reader.config.per_layer_config[layer_type]  # HF's own per-layer-type resolution
+        return {"head_dim": getattr(view, "head_dim", None)}
+    per_layer = reader.get("per_layer_config")
+    layer_types = reader.get("layer_types")
+    if not per_layer or not layer_types:
+        return {}
+    found: list[dict[str, Any]] = []
+    for index, kind in enumerate(layer_types):
+        if kind == layer_type:
+            entry = per_layer.get(str(index), per_layer.get(f"{index:02d}", per_layer.get(index, {})))
+            found.append(dict(entry or {}))
+    distinct = {tuple(sorted(entry.items())) for entry in found}
+    if len(distinct) > 1:
+        raise ValueError(f"config per_layer_config gives layers of type {layer_type!r} different overrides "
+                         f"{sorted(distinct)}; posemb builds one rotary per layer type")
+    return {k: v for k, v in (found[0] if found else {}).items() if k == "head_dim"}
+
+
+def _schedule_dict(reader: _Reader, layer_type: str | None, arch: architectures.Architecture | None) -> dict[str, Any]:
     """The (flat) RoPE dict of the config, or {} for plain RoPE described only by top-level keys."""
     parameters = reader.get("rope_parameters")
     scaling = reader.get("rope_scaling")
@@ -105,14 +158,24 @@ def _schedule_dict(reader: _Reader, layer_type: str | None) -> dict[str, Any]:
     nested = bool(rope) and all(v is None or isinstance(v, Mapping) for v in rope.values())
     if nested:
         if layer_type is None:
-            raise ValueError(f"config rope_parameters is per layer type {sorted(rope)}; pass layer_type= one of them")
+            raise ValueError(f"config rope_parameters is per layer type {sorted(rope)}; pass layer_type= one of them "
+                             "(or use posemb.rotary.layer_rotaries(config) for every layer)")
         if layer_type not in rope:
             raise ValueError(f"layer_type must be one of {sorted(rope)}, got {layer_type!r}")
         if rope[layer_type] is None:
             raise ValueError(f"rope_parameters[{layer_type!r}] is None: that layer type uses no RoPE (NoPE)")
         return dict(rope[layer_type])
-    if layer_type is not None:
-        raise ValueError(f"layer_type={layer_type!r} given but config rope parameters are not per layer type")
+    if layer_type is None:
+        return rope
+    layer_types = reader.get("layer_types") or ()
+    if layer_type not in layer_types:
+        raise ValueError(f"layer_type={layer_type!r} given but the config's layer_types are {sorted(set(layer_types))}")
+    thetas = arch.layer_thetas if arch is not None else {}
+    if layer_type in thetas:  # v4-style flat config of a model with per-layer-type bases (Gemma 3, ModernBERT)
+        key, default, takes_scaling = thetas[layer_type]
+        out = dict(rope) if takes_scaling else {}
+        out["rope_theta"] = reader.get(key, default=default)
+        return out
     return rope
 
 
@@ -126,6 +189,8 @@ def _rope_type(rope: dict[str, Any], model_type: str | None) -> str:
     rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
     if model_type == "phi3" and rope_type == "yarn":
         rope_type = "longrope"  # Phi3Config's backward-compatibility rename
+    if rope_type == "axial":
+        raise ValueError(f"config rope_type 'axial' is refused: {architectures._AXIAL}")
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"config rope_type {rope_type!r} is not supported; known rope types: {list(ROPE_TYPES)} "
                          f"(aliases: {ROPE_TYPE_ALIASES})")
@@ -140,7 +205,7 @@ def _pick(name: str, in_dict: Any, top_level: Any, reader: _Reader) -> Any:
 
 
 def _head_dim(reader: _Reader) -> int:
-    head_dim = reader.get("head_dim", "qk_rope_head_dim")
+    head_dim = reader.get("head_dim", "kv_channels", "attention_head_dim", "qk_rope_head_dim")
     if head_dim is None:
         hidden = reader.get("hidden_size", "n_embd", "d_model")
         heads = reader.get("num_attention_heads", "n_head")
@@ -159,7 +224,7 @@ def _partial_rotary_factor(rope: dict[str, Any], reader: _Reader, model_type: st
         factor = reader.get("rotary_pct")
     if factor is None and model_type == "gpt_neox":
         factor = 0.25  # GPTNeoXConfig's default rotary_pct
-    if factor is None and reader.get("rotary_dim") is not None:
+    if factor is None and model_type in _ROTARY_DIM_MODEL_TYPES and reader.get("rotary_dim") is not None:
         rotary_dim = check_int("config rotary_dim", reader.get("rotary_dim"), minimum=1)
         factor = rotary_dim / head_dim
         while int(head_dim * factor) < rotary_dim:  # keep int(head_dim * factor) == rotary_dim despite rounding
@@ -172,14 +237,35 @@ def _partial_rotary_factor(rope: dict[str, Any], reader: _Reader, model_type: st
     return factor
 
 
-def _layout(reader: _Reader, model_type: str | None) -> str:
+def _layout(reader: _Reader, model_type: str | None, arch: architectures.Architecture | None,
+            explicit: str | None) -> str:
+    if explicit is not None:
+        return check_choice("layout", explicit, ("half", "interleaved"))
     interleave = reader.get("rope_interleave")
-    if interleave is None:
-        interleave = model_type in _INTERLEAVED_MODEL_TYPES
-    return "interleaved" if interleave else "half"
+    if interleave is not None and not isinstance(interleave, bool):
+        raise TypeError(f"config rope_interleave must be a bool, got {type(interleave).__name__} ({interleave!r})")
+    if arch is not None:
+        if arch.layout != "config":
+            return arch.layout
+        return "interleaved" if (arch.interleave_default if interleave is None else interleave) else "half"
+    if interleave is not None:
+        return "interleaved" if interleave else "half"
+    warnings.warn(f"posemb does not know the RoPE layout of model_type={model_type!r} and the config has no "
+                  "rope_interleave: assuming the half-split (rotate_half) pairing of Llama. Pass layout='half' or "
+                  "layout='interleaved' to say which the model's apply_rotary_pos_emb uses.", stacklevel=4)
+    return "half"
 
 
-def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True) -> dict[str, Any]:
+def _check_refusals(reader: _Reader, model_type: str | None, rope: Mapping[str, Any]) -> None:
+    reason = architectures.refusal(model_type)
+    if reason is not None:
+        raise ValueError(f"model_type={model_type!r} is refused: {reason}")
+    if rope.get("mrope_section") is not None or reader.get("mrope_section") is not None:
+        raise ValueError(f"config has mrope_section: refused, {architectures._MROPE}")
+
+
+def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True,
+                                   layout: str | None = None) -> dict[str, Any]:
     """Normalised RoPE settings of a Hugging Face config, without building a module.
 
     Returns ``{"rope_type", "base", "scaling", "head_dim", "rotary_dim", "partial_rotary_factor",
@@ -187,11 +273,22 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     ``None`` values) ready for :func:`posemb.functional.rope_schedules.compute_inv_freq` and for
     ``RoPE(scaling=...)``; ``max_position_embeddings`` is ``None`` if the config has none. With
     ``strict=False`` keys the schedule does not use are dropped with a warning instead of raising.
-    See the module docstring for the rules.
+    ``layout`` overrides the architecture's pairing. See the module docstring for the rules.
     """
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(strict).__name__} ({strict!r})")
+    if layer_type is not None and not isinstance(layer_type, str):
+        raise TypeError(f"layer_type must be a string or None, got {type(layer_type).__name__} ({layer_type!r})")
+    config = _text_config(config)
     reader = _Reader(config)
     model_type = reader.get("model_type")
-    rope = _schedule_dict(reader, layer_type)
+    arch = architectures.architecture(model_type)
+    rope = _schedule_dict(reader, layer_type, arch)
+    _check_refusals(reader, model_type, rope)
+    reader = _Reader(config, _layer_overrides(reader, layer_type))
+    if reader.is_object and getattr(config, "is_heterogeneous", False) and layer_type is None:
+        raise ValueError("config is heterogeneous (per_layer_config: the head size differs per layer type); pass "
+                         "layer_type= or use posemb.rotary.layer_rotaries(config)")
     rope_type = _rope_type(rope, model_type)
 
     base = _pick("rope_theta", rope.get("rope_theta"), reader.get("rope_theta"), reader)
@@ -202,7 +299,16 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
         raise ValueError(f"config rope_theta must be > 1 (a positive RoPE base), got {base}")
 
     head_dim = _head_dim(reader)
-    partial_rotary_factor = _partial_rotary_factor(rope, reader, model_type, head_dim)
+    scaling = {k: v for k, v in rope.items() if k not in _META_KEYS}
+    if rope_type == "proportional":
+        # p-RoPE's fraction selects which frequencies are non-zero; every channel of the head is "rotated"
+        # (the zero-frequency pairs by the identity), as _compute_proportional_rope_parameters builds it.
+        proportion = rope.get("partial_rotary_factor", reader.get("partial_rotary_factor"))
+        if proportion is not None:
+            scaling["partial_rotary_factor"] = proportion
+        partial_rotary_factor = 1.0
+    else:
+        partial_rotary_factor = _partial_rotary_factor(rope, reader, model_type, head_dim)
     rotary_dim = int(head_dim * partial_rotary_factor)
     if rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary dimension int(head_dim * partial_rotary_factor) = int({head_dim} * "
@@ -212,7 +318,6 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     if max_position_embeddings is not None:
         max_position_embeddings = check_int("config max_position_embeddings", max_position_embeddings, minimum=1)
 
-    scaling = {k: v for k, v in rope.items() if k not in _META_KEYS}
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
         top_level = reader.get("original_max_position_embeddings")
         if top_level is not None:
@@ -224,8 +329,10 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     if unknown:
         if strict:
             raise ValueError(f"config rope key(s) {unknown} are not used by rope_type={rope_type!r} (allowed: "
-                             f"{list(_ALLOWED_KEYS[rope_type]) or 'none'}); they may change the model in other "
-                             "engines, so posemb refuses them. Pass strict=False to drop them (transformers ignores them).")
+                             f"{list(_ALLOWED_KEYS[rope_type]) or 'none'}); posemb does not model them, and such "
+                             "keys change the model in some engines (Phi-3.5-MoE's short_mscale/long_mscale in "
+                             "vLLM, Ministral 3's llama_4_scaling_beta in transformers). Pass strict=False to drop "
+                             "them if you know the model ignores them.")
         warnings.warn(f"dropping rope key(s) {unknown} unused by rope_type={rope_type!r}", stacklevel=2)
         for key in unknown:
             del scaling[key]
@@ -239,7 +346,7 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
         "rotary_dim": rotary_dim,
         "partial_rotary_factor": partial_rotary_factor,
         "max_position_embeddings": max_position_embeddings,
-        "layout": _layout(reader, model_type),
+        "layout": _layout(reader, model_type, arch, layout),
     }
 
 
@@ -251,7 +358,8 @@ def from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool =
     """
     from posemb.schemes.rope import RoPE  # imported here: the scheme module must not be needed to parse configs
 
-    p = rope_parameters_from_hf_config(config, layer_type=layer_type, strict=strict)
+    p = rope_parameters_from_hf_config(config, layer_type=layer_type, strict=strict,
+                                       layout=overrides.pop("layout", None))
     kwargs: dict[str, Any] = dict(head_dim=p["head_dim"], base=p["base"], rope_type=p["rope_type"],
                                   scaling=p["scaling"] or None, layout=p["layout"],
                                   partial_rotary_factor=p["partial_rotary_factor"])
@@ -279,7 +387,8 @@ def to_hf_config(rope: Any) -> dict[str, Any]:
     scaling = attribute("scaling") or {}
     parameters: dict[str, Any] = {"rope_type": attribute("rope_type"), "rope_theta": float(attribute("base"))}
     for key, value in scaling.items():
-        if value is None or key in _META_KEYS:
+        if value is None or (key in _META_KEYS and not (key == "partial_rotary_factor"
+                                                        and parameters["rope_type"] == "proportional")):
             continue
         parameters[key] = list(value) if isinstance(value, tuple) else value
     out: dict[str, Any] = {"rope_parameters": parameters, "head_dim": int(attribute("head_dim"))}

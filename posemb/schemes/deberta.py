@@ -34,7 +34,7 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int, resolve_head_dim
+from posemb._validation import check_bool, check_heads, check_table_rows, check_width, resolve_head_dim
 from posemb.functional.buckets import deberta_log_bucket
 from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key, shared_row_pieces
 from posemb.registry import register
@@ -104,11 +104,13 @@ class DeBERTaRelative(PositionalScheme):
                  position_buckets: int = 0, pos_att_type: str | Iterable[str] = POSITION_TERMS,
                  projection_bias: bool = False, norm_rel_embeddings: bool = False) -> None:
         super().__init__()
-        self.dim = check_int("dim", dim, minimum=1)
-        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        self.dim = check_width("dim", dim)
+        self.num_heads = check_heads("num_heads", num_heads)
         self.head_dim = head_dim = resolve_head_dim(dim, num_heads, head_dim)
-        self.max_relative_positions = check_int("max_relative_positions", max_relative_positions, minimum=1)
-        self.position_buckets = check_int("position_buckets", position_buckets, minimum=-1)
+        # P has 2 span rows, span = max_relative_positions or position_buckets
+        self.max_relative_positions = check_table_rows("max_relative_positions", max_relative_positions,
+                                                       rows_per_unit=2)
+        self.position_buckets = check_table_rows("position_buckets", position_buckets, minimum=-1, rows_per_unit=2)
         if position_buckets == 1:
             raise ValueError("position_buckets must be >= 2 (log buckets) or 0 / -1 (plain clipping), got 1")
         if position_buckets > 0 and max_relative_positions - 1 <= position_buckets // 2:
@@ -117,9 +119,8 @@ class DeBERTaRelative(PositionalScheme):
                              f"{position_buckets // 2 + 1} when position_buckets={position_buckets}, "
                              f"got {max_relative_positions}")
         self.pos_att_type = _parse_pos_att_type(pos_att_type)
-        for name, flag in (("projection_bias", projection_bias), ("norm_rel_embeddings", norm_rel_embeddings)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__} ({flag!r})")
+        check_bool("projection_bias", projection_bias)
+        check_bool("norm_rel_embeddings", norm_rel_embeddings)
         self.span = position_buckets if position_buckets > 0 else max_relative_positions
         self.rel_embeddings = nn.Embedding(2 * self.span, dim)  # P
         self.rel_norm = nn.LayerNorm(dim) if norm_rel_embeddings else None

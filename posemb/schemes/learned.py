@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int, check_tensor
+from posemb._validation import check_table_rows, check_tensor, check_width
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -30,8 +30,8 @@ class Learned(PositionalScheme):
 
     def __init__(self, dim: int, max_positions: int = 1024) -> None:
         super().__init__()
-        self.dim = check_int("dim", dim, minimum=1)
-        self.max_positions = check_int("max_positions", max_positions, minimum=1)
+        self.dim = check_width("dim", dim)
+        self.max_positions = check_table_rows("max_positions", max_positions)
         self.table = nn.Parameter(torch.randn(max_positions, dim) * 0.02)
 
     def embed_input(self, x: Tensor, positions: Tensor) -> Tensor:

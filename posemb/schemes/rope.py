@@ -5,7 +5,7 @@ so ``q_i . k_j`` depends only on ``j - i``. The frequencies come from
 :func:`posemb.functional.rope_schedules.compute_inv_freq` (default, linear, ntk, dynamic, yarn,
 longrope, llama3); ``attention_scale`` (YaRN / LongRoPE) multiplies cos and sin, as in HF.
 
-How the cos/sin are obtained (the design choice the issue asked for):
+How the cos/sin are obtained:
 
 * **Eager, static schedules** (default, linear, ntk, yarn, llama3): a float32 cos/sin table built
   from float64 angles, indexed by the integer positions. It grows on demand (to the next power of
@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posemb._validation import check_choice, check_float, check_int, check_tensor
+from posemb._validation import check_choice, check_float, check_int, check_tensor, check_width
 from posemb.functional.rope import rotary_angles_cos_sin
 from posemb.kernels import apply_rotary_qk
 from posemb.registry import register
@@ -120,7 +120,7 @@ class RoPE(PositionalScheme):
                  scaling: dict | None = None, layout: str = "half", partial_rotary_factor: float = 1.0,
                  max_position_embeddings: int = 2048) -> None:
         super().__init__()
-        check_int("head_dim", head_dim, minimum=2)
+        check_width("head_dim", head_dim, minimum=2)
         base = check_float("base", base, minimum=1.0, strict_minimum=True)
         check_choice("layout", layout, ROPE_LAYOUTS)
         partial_rotary_factor = check_float("partial_rotary_factor", partial_rotary_factor, minimum=0.0,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int
+from posemb._validation import check_bool, check_heads, check_table_rows, check_width
 from posemb.functional.relative import (clipped_index, distance_bounds, gather_relative, key_minus_query,
                                         scatter_relative, shared_row_pieces)
 from posemb.registry import register
@@ -61,12 +61,12 @@ class ShawRelative(PositionalScheme):
     def __init__(self, head_dim: int, num_heads: int = 1, max_relative_position: int = 16,
                  per_head: bool = False) -> None:
         super().__init__()
-        self.head_dim = check_int("head_dim", head_dim, minimum=1)
-        self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        self.max_relative_position = check_int("max_relative_position", max_relative_position, minimum=0)
-        if not isinstance(per_head, bool):
-            raise TypeError(f"per_head must be a bool, got {type(per_head).__name__} ({per_head!r})")
-        self.per_head = per_head
+        self.head_dim = check_width("head_dim", head_dim)
+        self.num_heads = check_heads("num_heads", num_heads)
+        # 2k + 1 rows per table
+        self.max_relative_position = check_table_rows("max_relative_position", max_relative_position, minimum=0,
+                                                      rows_per_unit=2)
+        self.per_head = check_bool("per_head", per_head)
         tables = num_heads if per_head else 1
         rows = 2 * max_relative_position + 1
         # Leading axis broadcasts over heads: 1 (shared) or H (per head).

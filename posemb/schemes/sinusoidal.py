@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from posemb._validation import check_even, check_float, check_tensor
+from posemb._validation import check_even, check_float, check_tensor, check_width
 from posemb.functional.sinusoidal import sinusoidal_table
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
@@ -32,7 +32,7 @@ class Sinusoidal(PositionalScheme):
 
     def __init__(self, dim: int, base: float = 10000.0, scale: float | None = None) -> None:
         super().__init__()
-        self.dim = check_even("dim", dim)
+        self.dim = check_even("dim", check_width("dim", dim))
         self.base = check_float("base", base, minimum=1.0, strict_minimum=True)
         self.scale = dim ** -0.5 if scale is None else check_float("scale", scale, minimum=0.0, strict_minimum=True)
 

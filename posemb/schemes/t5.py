@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_int
+from posemb._validation import check_bool, check_heads, check_int, check_table_rows
 from posemb.functional.buckets import t5_relative_bucket
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme, relative_distance
@@ -27,10 +27,10 @@ class T5Bias(PositionalScheme):
 
     def __init__(self, num_heads: int, causal: bool = True, num_buckets: int = 32, max_distance: int = 128) -> None:
         super().__init__()
-        self.num_heads = check_int("num_heads", num_heads, minimum=1)
-        self.num_buckets = check_int("num_buckets", num_buckets, minimum=2)
+        self.num_heads = check_heads("num_heads", num_heads)
+        self.num_buckets = check_table_rows("num_buckets", num_buckets, minimum=2)
         self.max_distance = check_int("max_distance", max_distance, minimum=1)
-        self.causal = bool(causal)
+        self.causal = check_bool("causal", causal)
         if not self.causal and num_buckets < 4:
             raise ValueError(f"num_buckets must be >= 4 for a bidirectional T5 bias, got {num_buckets}")
         self.bias = nn.Embedding(num_buckets, num_heads)

@@ -30,9 +30,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from posemb._validation import check_even, check_float, check_int, resolve_head_dim
+from posemb._validation import check_even, check_float, check_heads, check_width, resolve_head_dim
 from posemb.functional.relative import (DistanceTable, consecutive_offset, distance_bounds, distinct_distances,
                                         gather_relative, query_minus_key, toeplitz_scores)
+from posemb.functional.sinusoidal import sinusoid_concat
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -60,8 +61,8 @@ class TransformerXLRelative(PositionalScheme):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, base: float = 10000.0) -> None:
         super().__init__()
-        self.dim = check_even("dim", dim)
-        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        self.dim = check_even("dim", check_width("dim", dim))
+        self.num_heads = check_heads("num_heads", num_heads)
         self.head_dim = head_dim = resolve_head_dim(dim, num_heads, head_dim)
         self.base = check_float("base", base, minimum=1.0, strict_minimum=True)
         self.r_proj = nn.Linear(dim, num_heads * head_dim, bias=False)  # W_{k,R}
@@ -71,7 +72,7 @@ class TransformerXLRelative(PositionalScheme):
 
     def relative_embeddings(self, distances: Tensor) -> Tensor:
         """``W_R R_d`` for a 1-D tensor of distances: (num_heads, len(distances), head_dim)."""
-        table = _sinusoid(distances, self.dim, self.base, self.r_proj.weight.dtype)
+        table = sinusoid_concat(distances, self.dim, self.base, dtype=self.r_proj.weight.dtype)
         projected = self.r_proj(table)
         return projected.view(-1, self.num_heads, self.head_dim).transpose(0, 1)
 
@@ -115,19 +116,6 @@ class TransformerXLRelative(PositionalScheme):
 # Distances embedded per build step without autograd: the float64 angles of one step are
 # _TABLE_CHUNK * dim / 2 values (256 KiB for dim 512), the table rows of a tile at L=4096 are ~575.
 _TABLE_CHUNK = 128
-
-
-def _sinusoid(distances: Tensor, dim: int, base: float, dtype: torch.dtype) -> Tensor:
-    """:func:`~posemb.functional.sinusoidal.sinusoid_concat` (``[sin, cos]`` of float64 angles, the
-    official ``PositionalEmbedding`` order), bit for bit, with sin and cos written straight into the
-    ``dtype`` table: the only float64 temporary is the angles (half a table), not angles, sin, cos
-    and their concatenation."""
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=distances.device) / dim)
-    angles = distances.to(torch.float64)[:, None] * inv_freq
-    table = torch.empty(len(distances), dim, dtype=dtype, device=distances.device)
-    torch.sin(angles, out=table[:, :dim // 2])
-    torch.cos(angles, out=table[:, dim // 2:])
-    return table
 
 
 class _CallState(NamedTuple):

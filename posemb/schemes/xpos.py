@@ -13,16 +13,19 @@ centres at ``len // 2``); the factors ``exp(±(p - c)/γ · ln ζ)`` are formed 
 once. Because the centre changes from call to call, keys are cached unrotated
 (``caches_rotated_keys = False``) and re-scaled at each decoding step. Absolute positions can be
 as large as you like (10^6 is fine); what is limited is the span ``S = max - min`` of the positions
-in one call (the whole KV cache when decoding), with ``u = |ln ζ_0|/γ = 1.2528/512``:
+in one call (the whole KV cache when decoding). With ``u = |ln ζ_0|/γ`` (``ζ_0 = 2/7``, so
+``u = 1.2528/512`` for the paper's γ), the score of a future key carries ``e^(u S)`` at most, and
+:meth:`XPos.rotate` refuses, with a ``ValueError``, a span beyond :meth:`XPos.max_span`
+``= floor(ln(finfo(dtype).max) / u)`` for the dtype of q and k, so every score, masked future ones
+included, stays finite:
 
-* float32/bf16: every score, the masked future ones ``ζ^((m-n)/γ) = e^(u(n-m))`` included, is
-  finite for ``S <~ 88.7/u ≈ 36,000`` tokens. Up to ``≈ 72,000`` the factors themselves fit and the
-  causal scores are right, but future scores overflow to ``inf`` (harmless only if the attention
-  kernel masks by replacement, not by adding ``-inf``). Beyond, factors overflow and scores are NaN.
-* fp16 outputs: the largest factor ``e^(uS/2)`` must fit 65504 / |q|: ``S <~ 8,000`` for ``|q| ~ 1``.
+* float32 / bf16: ``88.72 / u ≈ 36,000`` tokens at γ = 512;
+* fp16: ``11.09 / u ≈ 4,500`` tokens;
+* float64: ``709.8 / u ≈ 290,000`` tokens.
 
 These limits come from the paper's formula itself (a factor ``ζ_0^(±S/(2γ))`` must be represented);
-for longer contexts use blockwise attention, as the paper does, or plain RoPE.
+for longer contexts use a larger ``scale_base``, float64, blockwise attention as the paper does, or
+plain RoPE.
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ import math
 import torch
 from torch import Tensor
 
-from posemb._validation import check_float
+from posemb._validation import check_bool, check_float
 from posemb.functional.rope import apply_rotary
 from posemb.registry import register
-from posemb.schemes.rope import RoPE, _check_rotate_inputs, _float64_device
+from posemb.schemes.rope import RoPE, _check_rotate_inputs
 
 
 @register("xpos")
@@ -51,30 +54,26 @@ class XPos(RoPE):
 
     def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float = 512.0, layout: str = "half",
                  causal: bool = True) -> None:
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {type(causal).__name__} ({causal!r})")
-        if not causal:
+        if not check_bool("causal", causal):
             raise ValueError("xpos requires causal=True (its factor ζ^((m-n)/scale_base) grows without bound "
                              "for keys after the query), got causal=False")
         super().__init__(head_dim, base=base, layout=layout)
         self.scale_base = check_float("scale_base", scale_base, minimum=0.0, strict_minimum=True)
         self.causal = True
-        self._log_zeta_values = tuple(math.log((2 * i + 0.4 * head_dim) / (1.4 * head_dim))
-                                      for i in range(head_dim // 2))
-        self.register_buffer("log_zeta64", torch.tensor(self._log_zeta_values, dtype=torch.float64),
-                             persistent=False)
+        log_zeta = [math.log((2 * i + 0.4 * head_dim) / (1.4 * head_dim)) for i in range(head_dim // 2)]
+        self.register_constant("log_zeta64", torch.tensor(log_zeta, dtype=torch.float64, device="cpu"))
         # The centre moves with every call, so cached keys must be raw (re-scaled each step).
         self.caches_rotated_keys = False
 
     @property
     def zeta(self) -> Tensor:
         """float64 ``ζ_i = (2i + 0.4 d)/(1.4 d)``, shape (head_dim // 2,)."""
-        return self._buffer("log_zeta64", self._log_zeta_values, self.log_zeta64.device).exp()
+        return self._constants["log_zeta64"].exp()
 
-    def _apply(self, fn, recurse: bool = True):
-        result = super()._apply(fn, recurse)
-        self.log_zeta64 = torch.tensor(self._log_zeta_values, dtype=torch.float64, device=self.log_zeta64.device)
-        return result
+    def max_span(self, dtype: torch.dtype) -> int:
+        """The largest span ``max - min`` of the positions in one call for which every score in
+        ``dtype`` is finite: ``floor(ln(finfo(dtype).max) / u)``, ``u = |ln ζ_0| / scale_base``."""
+        return math.floor(math.log(torch.finfo(dtype).max) / (abs(math.log(2 / 7)) / self.scale_base))
 
     def _decay(self, positions: Tensor, centre: Tensor, sign: float, log_zeta: Tensor) -> Tensor:
         """float64 ``ζ^(sign (p - c)/γ)``, shape (rows, seq, head_dim/2), on a float64-capable device."""
@@ -87,8 +86,16 @@ class XPos(RoPE):
         cos_q, sin_q, cos_k, sin_k = self._cos_sin_pair(q, q_positions, k_positions)
         low = torch.minimum(q_positions.amin(dim=1), k_positions.amin(dim=1))
         high = torch.maximum(q_positions.amax(dim=1), k_positions.amax(dim=1))
+        if not torch.compiler.is_compiling():
+            span, limit = int((high - low).max()), self.max_span(q.dtype)  # one host sync
+            if span > limit:
+                raise ValueError(
+                    f"xpos: the positions of one call span {span} tokens (the whole KV cache when decoding), "
+                    f"more than max_span={limit} for {q.dtype} with scale_base={self.scale_base:g}: the decay "
+                    f"factors would overflow and the scores turn inf/NaN; use a larger scale_base, float64, "
+                    f"blockwise attention or plain rope")
         centre = torch.div(low + high, 2, rounding_mode="floor")
-        log_zeta = self._buffer("log_zeta64", self._log_zeta_values, _float64_device(q.device))
+        log_zeta = self.constant("log_zeta64", q.device)
         q_decay = self._decay(q_positions, centre, 1.0, log_zeta)
         k_decay = self._decay(k_positions, centre, -1.0, log_zeta)
 
