@@ -1,7 +1,6 @@
 """``posemb demo``: build every registered scheme, run a forward pass, print a table."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch

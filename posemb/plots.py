@@ -408,8 +408,8 @@ def _handle(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("plot", help="draw the seed's pictures (cosine, llama3, schedules, decay, all)",
-                                   description="Draw one of the seed's pictures to an image file.")
+    parser = subparsers.add_parser("plot", help="draw RoPE's pictures (cosine, llama3, schedules, decay, all)",
+                                   description="Draw one of RoPE's pictures to an image file.")
     names = parser.add_subparsers(dest="plot", metavar="NAME", required=True)
 
     def common(sub: argparse.ArgumentParser, out_required: bool = True) -> None:

@@ -75,7 +75,8 @@ def layer_types_of(cls, config) -> list[str | None]:
     if "layer_type" not in inspect.signature(cls.forward).parameters:
         return [None]
     params = getattr(config, "rope_parameters", None) or {}
-    keys = [k for k in params if isinstance(params[k], dict)]
+    present = set(getattr(config, "layer_types", None) or params)  # the rotary builds only the types in use
+    keys = [k for k in params if isinstance(params[k], dict) and k in present]
     return keys or [None]
 
 

@@ -29,9 +29,13 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+HAS_ROPE = "rope" in posemb.available()
+E2E_SCHEMES = ("nope", "learned+randomized") + (("rope+yarn",) if HAS_ROPE else ())
+
+
 def test_smoke_run_from_the_command_line_writes_every_file(tmp_path, capsys):
     out = tmp_path / "report"
-    code = cli_main(["tasks", "--out", str(out), "--tasks", "copy,addition", "--schemes", "nope,learned",
+    code = cli_main(["tasks", "--out", str(out), "--tasks", "copy,addition", "--schemes", ",".join(E2E_SCHEMES),
                      "--seeds", "0,1", *SMOKE])
     assert code == 0, capsys.readouterr().err
     for name in ("report.md", "results.csv", "results.json", "accuracy_copy.png", "accuracy_addition.png"):
@@ -40,18 +44,26 @@ def test_smoke_run_from_the_command_line_writes_every_file(tmp_path, capsys):
     rows = read_csv(out / "results.csv")
     config = make_config("smoke")
     lengths = list(range(1, config.test_factor * config.max_train_length + 1))
-    # 2 tasks x 2 schemes x 2 seeds x every test length, once each.
+    # 2 tasks x every label x 2 seeds x every test length, once each.
     assert sorted((r["task"], r["label"], r["seed"], int(r["length"])) for r in rows) == sorted(
-        (t, s, str(seed), n) for t in ("copy", "addition") for s in ("nope", "learned") for seed in (0, 1)
+        (t, s, str(seed), n) for t in ("copy", "addition") for s in E2E_SCHEMES for seed in (0, 1)
         for n in lengths)
     for row in rows:
         assert row["split"] == ("id" if int(row["length"]) <= config.max_train_length else "ood")
         assert 0.0 <= float(row["exact"]) <= float(row["token"]) <= 1.0
+    # rope+yarn is scored on the rope run (no run of its own), and is rope itself within training.
+    assert not list((out / "runs").glob("*yarn*"))
+    assert len(list((out / "runs").glob("copy-*"))) == 2 * len(E2E_SCHEMES)
+    for row in rows:
+        if row["label"] == "rope+yarn":
+            task = get_task(row["task"])
+            within = task.sequence_length(int(row["length"])) <= task.sequence_length(config.max_train_length)
+            assert row["note"] == ("factor 1: the trained rope itself" if within else "")
     data = json.loads((out / "results.json").read_text())
-    assert {e["label"] for e in data["summary"]["ranking"]} == {"nope", "learned"}
+    assert {e["label"] for e in data["summary"]["ranking"]} == set(E2E_SCHEMES)
     report = (out / "report.md").read_text()
     for heading in ("## Exact match", "## Per-token accuracy", "## Ranking", "## The anchors' orderings",
-                    "accuracy_copy.png", "nope above learned"):
+                    "accuracy_copy.png"):
         assert heading in report
     assert "report:" in capsys.readouterr().out
 
@@ -182,7 +194,7 @@ def test_teacher_forced_exact_match_equals_greedy_decoding():
     """A briefly trained model is right on some instances and wrong on others; the instances
     teacher forcing counts right are exactly those greedy decoding (KV cache) gets right."""
     task = get_task("copy")
-    config = make_config("smoke", dim=32, heads=2, steps=60, max_train_length=3)
+    config = make_config("smoke", dim=32, heads=2, steps=40, max_train_length=3)
     spec = Spec("rope" if "rope" in posemb.available() else "alibi")
     lm = harness.build_run_model(spec, config.model, config.train_input_length(task), 16, seed=0)
     from dataclasses import replace
@@ -246,3 +258,17 @@ def test_ranking_and_anchor_verdicts_come_from_the_seed_ranges():
     assert anchor_checks(reversed_case)[0]["verdict"] == "reversed"
     one_seed = rank(_per_seed({"nope": [0.9], "learned": [0.1]}), ["t"], ["nope", "learned"], [0])
     assert anchor_checks(one_seed)[0]["verdict"] == "within noise"
+
+
+def test_randomized_training_positions_are_sorted_subsets_of_the_range_and_reproducible():
+    task = get_task("copy")
+    batches = TrainingBatches(task, Spec("alibi", randomized=True), 6, 8, seed=1, position_range=40)
+    seen = set()
+    for step in range(6):
+        packed, _ = batches(step)
+        positions = packed[:, 1]
+        assert bool((positions[:, 1:] > positions[:, :-1]).all())  # increasing, hence distinct
+        assert int(positions.min()) >= 0 and int(positions.max()) < 40
+        assert torch.equal(packed, batches(step)[0])
+        seen.update(positions.flatten().tolist())
+    assert max(seen) > 6 * 2  # beyond the default positions of the training lengths

@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from posemb.functional.rope_schedules import compute_inv_freq
-from posemb.rotary import ROPE_TYPES, from_hf_config, rope_parameters_from_hf_config, to_hf_config
+from posemb.rotary import (ROPE_TYPES, attention_temperature_tuning, from_hf_config, layer_rotaries,
+                           rope_parameters_from_hf_config, to_hf_config)
 
 transformers = pytest.importorskip("transformers")
+# dicts without a model_type assume the half-split layout with a warning (tested below); the parity cases need no noise
+pytestmark = pytest.mark.filterwarnings("ignore:posemb does not know the RoPE layout")
 
 RTOL = 1e-6
 # The parity target is transformers 5.x: v4 read rope_scaling/top-level rope_theta, had no
@@ -415,3 +418,91 @@ def test_from_hf_config_overrides_and_lazy_reexport():
     assert rope.layout == "half"
     with pytest.raises(TypeError, match="to_hf_config needs a RoPE module"):
         to_hf_config(object())
+
+
+# ---- per-layer rotaries, NoPE layers, architecture knowledge --------------------------------------
+def _layers(config):
+    return [None if rope is None else (rope.base, rope.head_dim, rope.rotary_dim, rope.rope_type, rope.layout)
+            for rope in layer_rotaries(config)]
+
+
+def test_layer_rotaries_nope_layers_follow_the_model_code():
+    """Each model's DecoderLayer/Attention decides which layers rotate; layer_rotaries gives None for the rest."""
+    smollm3 = transformers.SmolLM3Config(num_hidden_layers=8)
+    assert [r is None for r in layer_rotaries(smollm3)] == [not flag for flag in smollm3.no_rope_layers]
+    assert [r is None for r in layer_rotaries(smollm3)] == [False, False, False, True] * 2
+    llama4 = transformers.Llama4TextConfig(num_hidden_layers=8)
+    rotaries = layer_rotaries(llama4)
+    assert [r is None for r in rotaries] == [not flag for flag in llama4.no_rope_layers]
+    assert all(r.layout == "interleaved" for r in rotaries if r is not None)
+    assert attention_temperature_tuning(llama4) == {"floor_scale": 8192.0, "attn_scale": 0.1}
+    assert attention_temperature_tuning(transformers.LlamaConfig()) is None
+    cohere2 = transformers.Cohere2Config(num_hidden_layers=8)  # only sliding layers rotate
+    assert [r is None for r in layer_rotaries(cohere2)] == [t != "sliding_attention" for t in cohere2.layer_types]
+    exaone = transformers.Exaone4Config(num_hidden_layers=8)
+    assert [r is None for r in layer_rotaries(exaone)] == [t != "sliding_attention" for t in exaone.layer_types]
+    windowless = transformers.Exaone4Config(num_hidden_layers=4)
+    windowless.sliding_window = None  # Exaone4Attention then rotates every layer
+    assert all(r is not None for r in layer_rotaries(windowless))
+
+
+def test_layer_rotaries_local_global_bases_and_head_sizes():
+    gemma3 = transformers.Gemma3TextConfig(num_hidden_layers=6)
+    layers = _layers(gemma3)
+    for layer_type, layer in zip(gemma3.layer_types, layers):
+        assert layer[0] == (1e4 if layer_type == "sliding_attention" else 1e6)
+    # Gemma 4: sliding layers default RoPE on head_dim 256, full layers p-RoPE on global_head_dim 512
+    gemma4 = transformers.Gemma4TextConfig(num_hidden_layers=6)
+    for layer_type, rope in zip(gemma4.layer_types, layer_rotaries(gemma4)):
+        if layer_type == "full_attention":
+            assert (rope.head_dim, rope.rope_type, int((rope.inv_freq64 > 0).sum())) == (512, "proportional", 64)
+        else:
+            assert (rope.head_dim, rope.rope_type) == (256, "default")
+    rotaries = layer_rotaries(gemma4)
+    sliding = [r for t, r in zip(gemma4.layer_types, rotaries) if t == "sliding_attention"]
+    assert all(r is sliding[0] for r in sliding)
+    # the old flat Gemma 3 config.json spelling gives the same bases as the config object
+    raw = {"model_type": "gemma3_text", "num_hidden_layers": 6, "head_dim": 256, "rope_theta": 1e6,
+           "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+           "layer_types": gemma3.layer_types, "max_position_embeddings": 131072}
+    old = transformers.Gemma3TextConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+    assert _layers(raw) == _layers(old)
+    assert {layer[3] for layer, t in zip(_layers(raw), raw["layer_types"]) if t == "full_attention"} == {"linear"}
+    modernbert = {"model_type": "modernbert", "num_hidden_layers": 3, "hidden_size": 768, "num_attention_heads": 12,
+                  "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+                  "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}
+    assert [layer[0] for layer in _layers(modernbert)] == [160000.0, 10000.0, 10000.0]
+    assert _layers(modernbert) == _layers(transformers.ModernBertConfig(
+        **{k: v for k, v in modernbert.items() if k != "model_type"}))
+
+
+def test_layouts_come_from_the_architecture_table():
+    """Cohere / GLM pair adjacent channels although their configs are silent; the table says so."""
+    assert from_hf_config(transformers.CohereConfig()).layout == "interleaved"
+    assert from_hf_config(transformers.Glm4Config()).layout == "interleaved"
+    assert from_hf_config({"model_type": "glm4", "hidden_size": 4096, "num_attention_heads": 32,
+                           "kv_channels": 128, "partial_rotary_factor": 0.5}).rotary_dim == 64
+    assert from_hf_config(transformers.LlamaConfig()).layout == "half"
+    v3 = transformers.DeepseekV3Config(rope_interleave=False)
+    assert from_hf_config(v3).layout == "half" and from_hf_config(transformers.DeepseekV3Config()).layout == "interleaved"
+    with pytest.warns(UserWarning, match="assuming the half-split"):
+        assert from_hf_config({"head_dim": 64}).layout == "half"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert from_hf_config({"head_dim": 64}, layout="interleaved").layout == "interleaved"
+        assert from_hf_config({"head_dim": 64, "rope_interleave": True}).layout == "interleaved"
+    with pytest.raises(TypeError, match="rope_interleave must be a bool"):
+        from_hf_config({"head_dim": 64, "rope_interleave": "yes"})
+
+
+@pytest.mark.parametrize("strict", ["false", None, 0])
+def test_strict_must_be_a_bool(strict):
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        rope_parameters_from_hf_config({"head_dim": 64}, strict=strict)
+
+
+def test_proportional_round_trips_through_to_hf_config():
+    rope = from_hf_config({"model_type": "llama", "head_dim": 512, "rope_parameters": {
+        "rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}})
+    again = from_hf_config({"model_type": "llama", **to_hf_config(rope)})
+    assert torch.equal(again.inv_freq64, rope.inv_freq64) and int((rope.inv_freq64 > 0).sum()) == 64

@@ -36,8 +36,13 @@ RULE_REFUSALS = {
     "mrope_section: refused": "M-RoPE (mrope_section)",
     "must be even and >= 2": "odd rotary width in the default config (transformers rounds it; no real checkpoint)",
     "is heterogeneous": "heterogeneous config without layer_type",
+    "differ across layers": "per_layer_config differs between layers of one type",
+    "llama_4_scaling_beta: refused": "llama_4_scaling_beta query scaling (Ministral 3, Mistral 4)",
+    "config needs head_dim": "no head size in the config (its rotary is built from a sub-config)",
 }
-SCORE_RTOL = 1e-5
+# transformers rotates in float32: at position 1000 its angles carry ~1e-4 relative error; a wrong
+# layout, width, sign or base moves the scores by 10-100 %.
+SCORE_RTOL = 1e-4
 COUNTS: collections.Counter = collections.Counter()
 
 
@@ -73,6 +78,10 @@ def _check_case(model_type: str, cls, config, layer_type) -> str:
     q = torch.randn(batch, heads, length, rope.head_dim, generator=generator, dtype=torch.float64)
     k = torch.randn(batch, heads, length, rope.head_dim, generator=generator, dtype=torch.float64)
     positions = _positions(batch, length)
+    try:
+        cls(config)
+    except (KeyError, AttributeError, TypeError, ValueError):
+        return "transformers' own rotary class fails on its default config (unverifiable, posemb's result unchecked)"
     q_model, k_model, inv_freq, scaling, _ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions)
 
     if inv_freq is not None:

@@ -94,12 +94,14 @@ def test_a_report_of_another_configuration_or_edited_by_hand_is_refused(tmp_path
     assert "report.md was changed since posemb wrote it" in one_line(capsys.readouterr().err)
 
 
-def test_a_second_study_on_a_locked_directory_stops_at_once(tmp_path, corpus):
+def test_a_second_study_on_a_locked_directory_stops_at_once(tmp_path, corpus, capsys):
     out = tmp_path / "report"
     config = tiny(out, corpus)
     with OutputDir(out, identity="someone else", argument="--out"):
         with pytest.raises(OutputDirError, match=rf"in use by another posemb process \(pid {os.getpid()}\)"):
             run_study(config)
+        assert study_cli(out, corpus) == 2
+        assert "wait for it to finish, or choose another --out" in one_line(capsys.readouterr().err)
         assert not (out / "runs").exists()
     run_study(config)  # released: the same study now runs
     assert (out / "report.md").exists()

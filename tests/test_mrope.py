@@ -2,7 +2,9 @@
 image and video positions match transformers' multimodal rotary application, the pair-to-axis
 assignment matches a float64 formula written from the papers' description, and the model decodes
 multimodal positions with its KV cache."""
+import functools
 import math
+import types as types_module
 
 import pytest
 import torch
@@ -127,6 +129,16 @@ def _token_types_and_grids():
     return types, torch.tensor([[1, 4, 4]]), torch.tensor([[2, 4, 4]])
 
 
+def _rope_index(model_class, config, types, image_grid, video_grid):
+    """The model's own ``get_rope_index`` without building the model: it reads only the config and
+    ``get_vision_position_ids``, which uses no weights."""
+    owner = types_module.SimpleNamespace(config=config)
+    owner.get_vision_position_ids = functools.partial(model_class.get_vision_position_ids, owner)
+    position_ids, _ = model_class.get_rope_index(owner, torch.zeros_like(types), types, image_grid_thw=image_grid,
+                                                 video_grid_thw=video_grid)
+    return position_ids
+
+
 @pytest.fixture(scope="module")
 def qwen2_vl():
     transformers = pytest.importorskip("transformers")
@@ -138,14 +150,13 @@ def qwen2_vl():
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=1, embed_dim=16, num_heads=2, hidden_size=32, spatial_merge_size=2,
                            patch_size=2, temporal_patch_size=2))
-    return modeling_qwen2_vl, config, modeling_qwen2_vl.Qwen2VLModel(config).eval()
+    return modeling_qwen2_vl, config
 
 
 def test_qwen2_vl_image_and_video_positions_match_transformers(qwen2_vl):
-    module, config, model = qwen2_vl
+    module, config = qwen2_vl
     types, image_grid, video_grid = _token_types_and_grids()
-    position_ids, _ = model.get_rope_index(torch.zeros_like(types), types, image_grid_thw=image_grid,
-                                           video_grid_thw=video_grid)
+    position_ids = _rope_index(module.Qwen2VLModel, config, types, image_grid, video_grid)
     assert position_ids.shape == (3, 1, types.shape[1])
     assert not torch.equal(position_ids[0], position_ids[1])  # really multimodal positions
     torch.manual_seed(3)
@@ -188,12 +199,10 @@ def test_qwen3_vl_interleaved_mrope_matches_transformers():
                                           "mrope_interleaved": True}),
         vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32,
                            spatial_merge_size=2, patch_size=2, temporal_patch_size=2, deepstack_visual_indexes=[]))
-    model = module.Qwen3VLModel(config).eval()
     _, image_grid, video_grid = _token_types_and_grids()
     # Qwen3-VL separates video frames by timestamp text: one grid per frame.
     types = torch.tensor([[0] * 3 + [1] * 4 + [0] * 2 + [2] * 4 + [0] + [2] * 4 + [0] * 2])
-    position_ids, _ = model.get_rope_index(torch.zeros_like(types), types, image_grid_thw=image_grid,
-                                           video_grid_thw=video_grid)
+    position_ids = _rope_index(module.Qwen3VLModel, config, types, image_grid, video_grid)
     assert not torch.equal(position_ids[1], position_ids[2])
     torch.manual_seed(5)
     q, k = torch.randn(1, 2, types.shape[1], 16), torch.randn(1, 2, types.shape[1], 16)

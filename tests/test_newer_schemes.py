@@ -423,7 +423,8 @@ def test_pope_attention_equals_the_naive_complex_formula(causal):
     scores = naive_pope_scores(scheme, q, k, qp, kp)
     rq, rk = scheme.rotate(q, k, qp, kp)
     assert rq.shape[-1] == rk.shape[-1] == 12
-    torch.testing.assert_close(rq @ rk.transpose(-1, -2) / math.sqrt(12), scores, atol=1e-10, rtol=1e-10)
+    assert scheme.logit_scale(12) == pytest.approx(6 ** -0.5)  # the original width's 1/sqrt(d), not SDPA's 1/sqrt(2d)
+    torch.testing.assert_close(rq @ rk.transpose(-1, -2) / math.sqrt(6), scores, atol=1e-10, rtol=1e-10)
     expected = naive_attention(q, k, v, scores, causal=causal, scale=0.0)
     torch.testing.assert_close(attend(rq, rk, v, scheme, qp, kp, causal=causal), expected, atol=1e-10, rtol=1e-10)
 
@@ -444,7 +445,7 @@ def test_pope_matches_x_transformers_polar_embedding():
     their_k = xt.apply_polar_pos_emb(k, freqs[:, None] + bias)
     our_q, our_k = ours.rotate(q, k, pos[None].expand(2, 6), pos[None].expand(2, 6))
     torch.testing.assert_close(our_k, their_k, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(our_q, their_q * math.sqrt(2.0), atol=1e-5, rtol=1e-5)  # SDPA's 1/sqrt(2d) -> 1/sqrt(d)
+    torch.testing.assert_close(our_q, their_q, atol=1e-5, rtol=1e-5)
 
 
 def test_pope_phase_bias_gradient_passes_gradcheck_and_stays_clamped():

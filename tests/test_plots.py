@@ -69,7 +69,7 @@ def test_cosine_curves_match_naive_formula():
     for j, curve in curves.items():
         for m in (0, 1, 7, 299):
             assert curve[m].item() == pytest.approx(math.cos(m * 10000.0 ** (-2 * j / 128)), abs=1e-12)
-    # the seed's point: neighbours differ a lot in the fast pair, barely in the slow one
+    # the study notes' point: neighbours differ a lot in the fast pair, barely in the slow one
     assert curves[0].diff().abs().mean() > 0.5
     assert curves[63].diff().abs().max() < 1e-3
 

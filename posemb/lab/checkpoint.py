@@ -10,6 +10,7 @@ truncated checkpoint or an edited JSON file is one clear line, never a traceback
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -121,6 +122,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         # torch.load reports a torn zip archive, an empty file or an unpickling failure as one of these.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]
         raise CorruptFileError(path, f"not a readable checkpoint: {reason}", advice) from None
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR, errno.EIO):
+            raise
+        # torch's zip reader reports a truncated archive as EINVAL.
+        raise CorruptFileError(path, f"not a readable checkpoint: {error.strerror or error}", advice) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise CorruptFileError(path, "not a posemb checkpoint (no model weights and step)", advice)
     return state

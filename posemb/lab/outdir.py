@@ -23,6 +23,7 @@ asked for, but a path that cannot be written is refused before the work.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -56,35 +57,49 @@ def _probe_writable(directory: Path) -> None:
     os.unlink(name)
 
 
+def _os_reason(error: OSError) -> str:
+    reason = error.strerror or str(error)
+    return reason + (f" ({error.filename})" if error.filename is not None else "")
+
+
+def _make_writable_directory(path: Path) -> None:
+    """Create ``path`` with its parents and probe it; OS errors propagate."""
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "a file is in the way, not a directory", str(path))
+    path.mkdir(parents=True, exist_ok=True)
+    _probe_writable(path)
+
+
 def check_writable_directory(path: str | os.PathLike, argument: str) -> Path:
     """Create ``path`` (and its parents) if needed and check that files can be written in it.
-    Raises :class:`OutputDirError` naming ``argument`` and the path; OS errors name the path."""
-    path = Path(path)
-    if str(path).strip() == "":
+    Raises :class:`OutputDirError` naming ``argument`` and the path."""
+    raw = os.fspath(path)
+    if not raw.strip():  # Path("") would be the current directory
         raise OutputDirError(f"{argument} must name a directory, got an empty string")
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"{argument} {str(path)!r} is a file, not a directory: choose a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        _probe_writable(path)
+        _make_writable_directory(Path(raw))
     except OSError as error:
-        raise OutputDirError(f"{argument} {str(path)!r} cannot be written: {error.strerror or error}"
-                             f"{'' if error.filename in (None, str(path)) else f' ({error.filename})'}; "
+        raise OutputDirError(f"{argument} {raw!r} cannot be written: {_os_reason(error)}; "
                              "choose a writable place") from None
-    return path
+    return Path(raw)
 
 
 def check_writable_file(path: str | os.PathLike, argument: str) -> Path:
     """Check, before any work, that ``path`` can be written: not a directory, and its folder
     (created if missing) writable."""
-    path = Path(path)
-    if str(path).strip() == "":
+    raw = os.fspath(path)
+    if not raw.strip():
         raise OutputDirError(f"{argument} must name a file, got an empty string")
+    path = Path(raw)
     if path.is_dir():
-        raise OutputDirError(f"{argument} {str(path)!r} is a directory: give a file name")
-    check_writable_directory(path.parent, f"the folder of {argument}")
+        raise OutputDirError(f"{argument} {raw!r} is a directory: give a file name")
+    try:
+        _make_writable_directory(path.parent)
+    except OSError as error:
+        raise OutputDirError(f"{argument} {raw!r} cannot be written: {_os_reason(error)}; "
+                             "choose a writable place") from None
     if path.exists() and not os.access(path, os.W_OK):
-        raise OutputDirError(f"{argument} {str(path)!r} exists and cannot be replaced: permission denied")
+        raise OutputDirError(f"{argument} {raw!r} exists and cannot be replaced: permission denied")
     return path
 
 
@@ -100,8 +115,8 @@ class OutputDir:
     """
 
     def __init__(self, path: str | os.PathLike, *, identity: str, argument: str = "--out", lock: bool = True) -> None:
-        self.path = Path(path)
-        self.raw_path = str(path)
+        self.raw_path = os.fspath(path)
+        self.path = Path(self.raw_path)
         self.identity = identity
         self.argument = argument
         self.lock = lock

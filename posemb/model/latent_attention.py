@@ -19,8 +19,8 @@ context-dependent, in which case the rope part is re-rotated at each step as for
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch
+from torch import Tensor, nn
 
 from posemb._validation import check_bool, check_float, check_heads, check_tensor, check_width
 from posemb.model.attention import attend
@@ -58,7 +58,8 @@ class MultiHeadLatentAttention(nn.Module):
         check_bool("bias", bias)
         default = max(1, dim // num_heads)
         self.dim, self.num_heads, self.scheme = dim, num_heads, scheme
-        self.qk_nope_head_dim = check_width("qk_nope_head_dim", default if qk_nope_head_dim is None else qk_nope_head_dim)
+        self.qk_nope_head_dim = check_width("qk_nope_head_dim",
+                                            default if qk_nope_head_dim is None else qk_nope_head_dim)
         self.v_head_dim = check_width("v_head_dim", default if v_head_dim is None else v_head_dim)
         self.qk_rope_head_dim = scheme.qk_rope_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim

@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 from posemb.functional.rope_schedules import ROPE_TYPES, compute_inv_freq, validate_rope_params
-from posemb.rotary.hf_config import (ROPE_TYPE_ALIASES, from_hf_config, rope_parameters_from_hf_config,
-                                     to_hf_config)
+from posemb.rotary.hf_config import (ROPE_TYPE_ALIASES, attention_temperature_tuning, from_hf_config,
+                                     layer_rotaries, rope_parameters_from_hf_config, to_hf_config)
 
-__all__ = ["from_hf_config", "to_hf_config", "rope_parameters_from_hf_config", "compute_inv_freq",
+__all__ = ["from_hf_config", "to_hf_config", "rope_parameters_from_hf_config", "layer_rotaries",
+           "attention_temperature_tuning", "compute_inv_freq",
            "validate_rope_params", "ROPE_TYPES", "ROPE_TYPE_ALIASES", "RoPE"]
 
 

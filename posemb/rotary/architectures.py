@@ -32,7 +32,8 @@ class Architecture:
         (the model's ``convert_rope_params_to_dict``).
     no_rope: how NoPE layers are declared (``"no_rope_layers"``: a 0/1 list, 0 = no RoPE;
         ``"rope_parameters_none"``: the layer type's ``rope_parameters`` entry is None;
-        ``"sliding_only"``: only sliding-window layers rotate).
+        ``"sliding_only"``: only sliding-window layers rotate, Cohere2; ``"sliding_when_windowed"``: with a
+        ``sliding_window`` only sliding layers rotate, without one all do, EXAONE 4).
     """
 
     layout: str
@@ -71,7 +72,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         nemotron nemotron3_diarization neomme neucodec nomic_bert olmo olmo2 olmo3 olmo_hybrid
         olmoe persimmon phi phi3 phi4_multimodal phimoe pocket_tts qwen2 qwen2_moe qwen3 qwen3_moe
         qwen3_next recurrent_gemma seed_oss smollm3 solar_open stablelm starcoder2 step3p7 t5gemma
-        t5gemma2_text timesfm2_5 ultrabert vaultgemma voxtral_realtime xcodec2 zamba2 zaya""", _HALF),
+        t5gemma2_text timesfm2_5 ultrabert vaultgemma voxtral_realtime xcodec2 zamba2 zaya
+        evolla cwm dia_decoder emu3_text_model granite4_vision_text
+        granite_docling_text idefics lasr_encoder mimi mllama_text_model molmo2_text moshi muse_glimmer_text
+        muse_glimmer_assistant muse_spark_text nemotron3_5_transcribe_asr_audio pocket_tts_audio_tokenizer
+        qwen2_5_omni_dit step3p5 t5_gemma_module unlimited_ocr_text voxtral_realtime_text""", _HALF),
     # NoPE layers and per-layer-type bases, on top of the half-split pairing
     "smollm3": Architecture("half", _HALF_EVIDENCE + "; SmolLM3DecoderLayer.use_rope = no_rope_layers[i]",
                             no_rope="no_rope_layers"),
@@ -80,7 +85,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "modernbert": Architecture("half", _HALF_EVIDENCE, layer_thetas=_MODERNBERT_THETAS),
     "modernbert-decoder": Architecture("half", _HALF_EVIDENCE, layer_thetas=_MODERNBERT_THETAS),
     "exaone4": Architecture("half", _HALF_EVIDENCE + "; Exaone4Attention rotates only sliding layers when "
-                            "sliding_window is set (is_sliding)", no_rope="sliding_only"),
+                            "sliding_window is set (is_sliding)", no_rope="sliding_when_windowed"),
     # adjacent pairs (2i, 2i+1) although the config says nothing about layout
     **_group("gptj codegen", Architecture("interleaved", "gptj/modeling_gptj.py: rotate_every_two "
                                           "(x[..., ::2], x[..., 1::2]); codegen/modeling_codegen.py the same")),
@@ -132,14 +137,17 @@ REFUSED: dict[str, str] = {
                     "rotates leading channels"),
     "nanochat": ("NanoChat rotates by -θ (nanochat/modeling_nanochat.py: rotate_half = cat(x2, -x1)); posemb's "
                  "RoPE rotates by +θ"),
+    "dots3_note_audio_encoder": ("dots3_note/modeling_dots3_note.py holds several attention classes with different "
+                                 "apply functions (apply_rotary_pos_emb, apply_rotary_pos_emb_interleave); the "
+                                 "audio encoder's pairing is not verified"),
     **{name: _MROPE for name in """cosmos3_edge cosmos3_edge_text ernie4_5_vl_moe ernie4_5_vl_moe_text glm4v
         glm4v_text glm4v_moe glm4v_moe_text glm_image glm_image_text hunyuan_vl hunyuan_vl_text hy_v4_vl
-        hy_v4_vl_text qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text qwen2_5_omni qwen2_5_omni_thinker
+        hy_v4_vl_text qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker
         qwen3_vl qwen3_vl_text qwen3_vl_moe qwen3_vl_moe_text qwen3_omni_moe qwen3_omni_moe_thinker
         qwen3_omni_moe_text qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text paddleocr_vl
         paddleocr_vl_text minimax_m3_vl minimax_m3_vl_text video_llama_3 glm5_next glm5_next_text
-        granite4_vision kimi_k25 lfm3_vl inkling2 inkling2_text exaone4_5 qwen4_exp qwen4_exp_text
-        molmo2""".split()},
+        kimi_k25 lfm3_vl inkling2 inkling2_text exaone4_5 qwen4_exp qwen4_exp_text
+       """.split()},
 }
 
 

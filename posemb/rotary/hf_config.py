@@ -18,7 +18,7 @@ that transformers loads gives the same ``inv_freq`` here:
 * **Rotary fraction.** ``partial_rotary_factor`` in the dict or at the top level, else GPT-NeoX's
   ``rotary_pct`` (default 0.25 for ``model_type == "gpt_neox"``, as ``GPTNeoXConfig``), else GPT-J's
   absolute ``rotary_dim``, else 1. ``rotary_dim = int(head_dim * partial_rotary_factor)`` (HF's rounding).
-* **Head size.** ``head_dim`` (raw ``config.json`` spellings ``kv_channels``, ``attention_head_dim``),
+* **Head size.** ``head_dim`` (raw ``config.json`` spelling of ChatGLM/Megatron: ``kv_channels``),
   else DeepSeek's ``qk_rope_head_dim`` (only that slice is rotated), else ``hidden_size //
   num_attention_heads`` (GPT-J's ``n_embd``/``n_head`` also work). Heterogeneous configs (Gemma 4's
   ``per_layer_config``) give each layer type its own head size.
@@ -81,6 +81,7 @@ class _Reader:
         self.config = config
         self.is_object = self.mapping is None
         self.overrides = dict(overrides or {})
+        self.aliases = _attribute_map(self.mapping.get("model_type")) if self.mapping is not None else {}
 
     def get(self, *names: str, default: Any = None) -> Any:
         for name in names:
@@ -88,6 +89,8 @@ class _Reader:
                 value = self.overrides[name]
             elif self.mapping is not None:
                 value = self.mapping.get(name, _MISSING)
+                if (value is _MISSING or value is None) and name in self.aliases:
+                    value = self.mapping.get(self.aliases[name], _MISSING)
             else:
                 with warnings.catch_warnings():  # v5's ``rope_scaling`` property warns on access
                     warnings.simplefilter("ignore")
@@ -98,6 +101,21 @@ class _Reader:
             if value is not _MISSING and value is not None:
                 return value
         return default
+
+
+def _attribute_map(model_type: Any) -> dict[str, str]:
+    """The config class's ``attribute_map`` (e.g. Zamba2 ``head_dim -> attention_head_dim``, Moonshine
+    ``num_attention_heads -> decoder_num_attention_heads``), so a raw ``config.json`` dict reads the fields
+    its config object would. Empty without transformers or for a model type it does not know."""
+    if not isinstance(model_type, str):
+        return {}
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return {}
+    if model_type not in CONFIG_MAPPING:
+        return {}
+    return dict(getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {})
 
 
 def _text_config(config: Any) -> Any:
@@ -124,7 +142,11 @@ def _layer_overrides(reader: _Reader, layer_type: str | None) -> dict[str, Any]:
     if reader.is_object:
         if not getattr(reader.config, "is_heterogeneous", False):
             return {}
-        view = reader.config.per_layer_config[layer_type]  # HF's own per-layer-type resolution
+        try:
+            view = reader.config.per_layer_config[layer_type]  # HF's own per-layer-type resolution
+        except ValueError as error:
+            raise ValueError(f"config per_layer_config: the layers of type {layer_type!r} differ across layers "
+                             f"({error}); posemb builds one rotary per layer type") from error
         return {"head_dim": getattr(view, "head_dim", None)}
     per_layer = reader.get("per_layer_config")
     layer_types = reader.get("layer_types")
@@ -205,10 +227,10 @@ def _pick(name: str, in_dict: Any, top_level: Any, reader: _Reader) -> Any:
 
 
 def _head_dim(reader: _Reader) -> int:
-    head_dim = reader.get("head_dim", "kv_channels", "attention_head_dim", "qk_rope_head_dim")
+    head_dim = reader.get("head_dim", "kv_channels", "qk_rope_head_dim")
     if head_dim is None:
         hidden = reader.get("hidden_size", "n_embd", "d_model")
-        heads = reader.get("num_attention_heads", "n_head")
+        heads = reader.get("num_attention_heads", "n_head", "n_heads")
         if hidden is None or heads is None:
             raise ValueError("config needs head_dim, or hidden_size and num_attention_heads, to size RoPE")
         check_int("config hidden_size", hidden, minimum=1)
@@ -262,6 +284,10 @@ def _check_refusals(reader: _Reader, model_type: str | None, rope: Mapping[str, 
         raise ValueError(f"model_type={model_type!r} is refused: {reason}")
     if rope.get("mrope_section") is not None or reader.get("mrope_section") is not None:
         raise ValueError(f"config has mrope_section: refused, {architectures._MROPE}")
+    if rope.get("llama_4_scaling_beta") is not None:
+        raise ValueError("config rope llama_4_scaling_beta: refused, the model multiplies its queries by "
+                         "1 + beta*log(1 + floor(position / original_max_position_embeddings)) (Ministral 3, "
+                         "Mistral 4: get_llama_4_attn_scale), a position-dependent scale posemb's RoPE does not apply")
 
 
 def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool = True,
@@ -285,7 +311,10 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     arch = architectures.architecture(model_type)
     rope = _schedule_dict(reader, layer_type, arch)
     _check_refusals(reader, model_type, rope)
-    reader = _Reader(config, _layer_overrides(reader, layer_type))
+    overrides = _layer_overrides(reader, layer_type)
+    if arch is not None and layer_type in arch.layer_thetas and "rope_theta" in rope:
+        overrides["rope_theta"] = rope["rope_theta"]  # the layer type's own base key was read (Gemma 3 / ModernBERT)
+    reader = _Reader(config, overrides)
     if reader.is_object and getattr(config, "is_heterogeneous", False) and layer_type is None:
         raise ValueError("config is heterogeneous (per_layer_config: the head size differs per layer type); pass "
                          "layer_type= or use posemb.rotary.layer_rotaries(config)")
@@ -369,6 +398,75 @@ def from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool =
     return RoPE(**kwargs)
 
 
+def layer_rotaries(config: Any, *, strict: bool = True, **overrides: Any) -> list:
+    """The rotary of every layer of a model: a :class:`~posemb.schemes.rope.RoPE`, or ``None`` for a
+    layer without RoPE (NoPE), in layer order (``num_hidden_layers`` entries).
+
+    Per-layer types follow ``layer_types`` (Gemma 2/3/4 local/global bases and head sizes, ModernBERT,
+    OLMo 3, ...). NoPE layers: ``no_rope_layers[i] == 0`` (Llama 4 iRoPE, SmolLM3:
+    ``DecoderLayer.use_rope = no_rope_layers[i]``), a layer type whose ``rope_parameters`` entry is
+    None, Cohere2's rule (only sliding layers rotate) and EXAONE 4's (with a ``sliding_window``, only
+    sliding layers rotate). Layers of one type share one module. Llama 4's query temperature on its
+    NoPE layers is :func:`attention_temperature_tuning`.
+    """
+    config = _text_config(config)
+    reader = _Reader(config)
+    arch = architectures.architecture(reader.get("model_type"))
+    num_layers = check_int("config num_hidden_layers", reader.get("num_hidden_layers", "n_layer"), minimum=1)
+    layer_types = list(reader.get("layer_types") or [None] * num_layers)
+    if len(layer_types) != num_layers:
+        raise ValueError(f"config layer_types has {len(layer_types)} entries but num_hidden_layers is {num_layers}")
+    no_rope_layers = reader.get("no_rope_layers")
+    if no_rope_layers is not None and len(no_rope_layers) != num_layers:
+        raise ValueError(f"config no_rope_layers has {len(no_rope_layers)} entries but num_hidden_layers is {num_layers}")
+    parameters = reader.get("rope_parameters") or {}
+    nested = bool(parameters) and all(v is None or isinstance(v, Mapping) for v in parameters.values())
+    heterogeneous = bool(getattr(config, "is_heterogeneous", False)) or bool(reader.get("per_layer_config"))
+    sliding_window = reader.get("sliding_window")
+    built: dict[Any, Any] = {}
+    out = []
+    for index, layer_type in enumerate(layer_types):
+        use_rope = True
+        if no_rope_layers is not None:
+            use_rope = bool(no_rope_layers[index])
+        if nested and layer_type in parameters and parameters[layer_type] is None:
+            use_rope = False
+        rule = arch.no_rope if arch is not None else None
+        if rule == "sliding_only":
+            use_rope = use_rope and layer_type == "sliding_attention" and sliding_window is not None
+        elif rule == "sliding_when_windowed":
+            use_rope = use_rope and (sliding_window is None or layer_type == "sliding_attention")
+        if not use_rope:
+            out.append(None)
+            continue
+        per_type = layer_type is not None and (nested or heterogeneous or
+                                               (arch is not None and layer_type in arch.layer_thetas))
+        key = layer_type if per_type else None
+        if key not in built:
+            built[key] = from_hf_config(config, layer_type=key, strict=strict, **overrides)
+        out.append(built[key])
+    return out
+
+
+def attention_temperature_tuning(config: Any) -> dict[str, float] | None:
+    """Llama 4's query temperature on NoPE layers, or None when the config has none.
+
+    ``q <- q * (log(floor((position + 1) / floor_scale) + 1) * attn_scale + 1)`` on layers without RoPE
+    (``llama4/modeling_llama4.py``: ``Llama4TextAttention``, ``attn_temperature_tuning``). Returns
+    ``{"floor_scale", "attn_scale"}``.
+    """
+    reader = _Reader(_text_config(config))
+    enabled = reader.get("attn_temperature_tuning")
+    if enabled is None:
+        return None
+    if not isinstance(enabled, bool):
+        raise TypeError(f"config attn_temperature_tuning must be a bool, got {type(enabled).__name__} ({enabled!r})")
+    if not enabled:
+        return None
+    return {"floor_scale": check_float("config floor_scale", reader.get("floor_scale", default=8192), minimum=1.0),
+            "attn_scale": check_float("config attn_scale", reader.get("attn_scale", default=0.1), minimum=0.0)}
+
+
 def to_hf_config(rope: Any) -> dict[str, Any]:
     """A v5-style config fragment describing ``rope`` that :func:`from_hf_config` reads back exactly.
 
@@ -403,4 +501,5 @@ def to_hf_config(rope: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["from_hf_config", "to_hf_config", "rope_parameters_from_hf_config", "ROPE_TYPE_ALIASES"]
+__all__ = ["from_hf_config", "to_hf_config", "rope_parameters_from_hf_config", "layer_rotaries",
+           "attention_temperature_tuning", "ROPE_TYPE_ALIASES"]

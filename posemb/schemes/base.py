@@ -8,10 +8,12 @@ site     hook(s)                                      members
 ======== ============================================ =====================================
 none     (nothing)                                    nope
 input    ``embed_input(x, positions)``                sinusoidal, learned
-rotation ``rotate(q, k, q_positions, k_positions)``   rope (every frequency schedule), xpos
-bias     ``score_bias(q_positions, k_positions)``     t5, alibi
-content  ``relative_logits`` / ``relative_values``    shaw, transformer_xl, deberta
-         (+ optional ``prepare_relative``)
+rotation ``rotate(q, k, q_positions, k_positions)``   rope (every frequency schedule), xpos,
+                                                      mrope, axial_rope, rope_mixed, mla, pope
+bias     ``score_bias(q_positions, k_positions)``     t5, alibi, kerple, sandwich,
+                                                      dynamic_position_bias
+content  ``relative_logits`` / ``relative_values``    shaw, transformer_xl, deberta, fire,
+         (+ optional ``prepare_relative``)            forgetting, cope
 ======== ============================================ =====================================
 
 Shapes: ``x`` is (batch, seq, dim); ``q``/``k``/``v`` are (batch, heads, seq, head_dim);

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from posemb._validation import check_bool, check_int, check_tensor
+from posemb._validation import check_bool, check_tensor
 from posemb.functional.multi_axis_rope import check_mrope_section, mrope_pair_axes, select_pair_axes
 from posemb.kernels import apply_rotary_qk
 from posemb.registry import register
@@ -103,8 +103,8 @@ class MRoPE(RoPE):
             if x.shape[-1] != self.head_dim:
                 raise ValueError(f"{name} must have head_dim={self.head_dim} as its last dimension "
                                  f"(batch, heads, seq, head_dim), got shape {tuple(x.shape)}")
-        check_positions("q_positions", q_positions, self.position_layout, 3, q.shape[0], q.shape[2], batch_may_be_one=True)
-        check_positions("k_positions", k_positions, self.position_layout, 3, k.shape[0], k.shape[2], batch_may_be_one=True)
+        for name, positions, x in (("q_positions", q_positions, q), ("k_positions", k_positions, k)):
+            check_positions(name, positions, self.position_layout, 3, x.shape[0], x.shape[2], batch_may_be_one=True)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         context = None
         if self.context_dependent:

@@ -25,9 +25,10 @@ class PoPE(PositionalScheme):
 
     with ``theta_c = base^(-c / d)``, c = 0 .. d - 1 (one frequency per feature, not per pair).
     ``rotate`` returns the real form ``[mu cos, mu sin]`` of width 2d, so attention stays a plain
-    dot product (SDPA, the KV cache); since SDPA scales by ``1/sqrt(2d)``, the query is multiplied
-    by sqrt(2) to keep the paper's ``1/sqrt(d)``. Angles are formed in float64 (exact up to
-    positions ~2^53). One phase bias shared by all layers, as in x-transformers, zero at init.
+    dot product (SDPA, the KV cache), and :meth:`logit_scale` keeps the ``1/sqrt(d)`` of the
+    original width rather than SDPA's ``1/sqrt(2d)`` (as x-transformers, whose scale is set by
+    ``dim_head``). Angles are formed in float64 (exact up to positions ~2^53). One phase bias
+    shared by all layers, as in x-transformers, zero at init.
 
     Args:
         head_dim: d, the width of one head.
@@ -68,7 +69,7 @@ class PoPE(PositionalScheme):
         cos_k, sin_k = (t.to(device=k.device, dtype=work) for t in self._cos_sin(k_positions))
         delta = self.key_phase_bias().to(device=k.device, dtype=work)[None, :, None, :]
         cos_d, sin_d = delta.cos(), delta.sin()
-        magnitude_q = F.softplus(q.to(work)) * math.sqrt(2.0)
+        magnitude_q = F.softplus(q.to(work))
         magnitude_k = F.softplus(k.to(work))
         q_out = torch.cat([magnitude_q * cos_q, magnitude_q * sin_q], dim=-1)
         # cos(t theta + delta), sin(t theta + delta) by the angle-addition formulas: the float64
@@ -76,6 +77,10 @@ class PoPE(PositionalScheme):
         k_out = torch.cat([magnitude_k * (cos_k * cos_d - sin_k * sin_d),
                            magnitude_k * (sin_k * cos_d + cos_k * sin_d)], dim=-1)
         return q_out.to(q.dtype), k_out.to(k.dtype)
+
+    def logit_scale(self, head_dim: int) -> float:
+        """``1/sqrt(d)`` for the rotated width ``head_dim = 2d``."""
+        return (head_dim / 2) ** -0.5
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, num_heads={self.num_heads}, base={self.base}"
