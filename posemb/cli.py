@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = [
     "posemb.demo",
     "posemb.lab.study_command",
     "posemb.lab.algorithmic.command",
+    "posemb.lab.extend.command",
     "posemb.plots",
     "posemb.bench",
 ]

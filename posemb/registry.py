@@ -140,8 +140,8 @@ def _describe(annotation: Any) -> str:
             names.append("None")
         else:
             origin = typing.get_origin(member) or member
-            names.append("a number" if member is float else f"{'an' if origin is int else 'a'} "
-                         f"{getattr(origin, '__name__', str(origin))}")
+            word = getattr(origin, "__name__", str(origin))
+            names.append("a number" if member is float else f"{'an' if word[0] in 'aeiouAEIOU' else 'a'} {word}")
     return " or ".join(names)
 
 

@@ -162,7 +162,6 @@ class Oracle(torch.nn.Module):
         self.tokens, self.wrong, self.answer_start = tokens, wrong, answer_start
 
     def forward(self, x, positions=None):
-        nxt = self.tokens[:x.shape[0], 1:].clone() if x.shape[0] == self.tokens.shape[0] else None
         nxt = self.tokens[self._rows(x), 1:].clone()
         if self.wrong is not None:
             column = self.answer_start - 1 + self.wrong
@@ -272,3 +271,14 @@ def test_randomized_training_positions_are_sorted_subsets_of_the_range_and_repro
         assert torch.equal(packed, batches(step)[0])
         seen.update(positions.flatten().tolist())
     assert max(seen) > 6 * 2  # beyond the default positions of the training lengths
+
+
+def test_a_damaged_finished_run_is_named_not_silently_reused(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["tasks", "--out", str(out), "--tasks", "parity", "--schemes", "nope", *SMOKE]
+    assert cli_main(args) == 0
+    checkpoint = next((out / "runs").glob("parity-nope-seed0-*/checkpoint.pt"))
+    checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert str(checkpoint) in err and "delete the folder" in err

@@ -304,3 +304,15 @@ def test_missing_transformers_gives_a_clear_import_error(monkeypatch):
         hf._require_transformers()
     # the pure-torch permutation still works
     assert permute_qk_for_layout(torch.randn(8), 1, 8, to="half").shape == (8,)
+
+
+@pytest.mark.parametrize("family", ["Cohere", "Glm4", "SmolLM3", "StableLm", "GptOss", "Gemma2"])
+def test_unverified_families_are_refused_naming_the_model_class(family):
+    """A family whose patched forward is not verified gets a clear error, never a silently wrong patch."""
+    config = getattr(transformers, f"{family}Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                       head_dim=16, pad_token_id=0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    with pytest.raises(TypeError, match=f"does not support {family}ForCausalLM"):
+        patch_rotary(model)
+    assert not is_patched(model)

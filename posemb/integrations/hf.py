@@ -48,6 +48,10 @@ from posemb._validation import check_choice, check_even, check_int, check_tensor
 
 LAYOUTS = ("half", "interleaved")
 PATCH_MODES = ("auto", "cos_sin", "hooks")
+#: model types whose patched forward is tested end to end (tests/test_integration_hf.py: logits within
+#: 1e-5 for every rope_type); any other family is refused rather than risk a silently wrong patch
+#: (NoPE layers that hooks would rotate, per-layer-type rotaries, attention code that slices q/k itself)
+PATCHABLE_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 __all__ = ["LAYOUTS", "PATCH_MODES", "PosembRotaryEmbedding", "patch_rotary", "unpatch_rotary",
            "is_patched", "permute_qk_for_layout", "convert_model_layout"]
@@ -194,6 +198,11 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
     """
     _check_hf_model(model)
     check_choice("mode", mode, PATCH_MODES)
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in PATCHABLE_MODEL_TYPES:
+        raise TypeError(f"patch_rotary does not support {type(model).__name__} (model_type={model_type!r}): its "
+                        f"patched forward is not verified; supported model types: {list(PATCHABLE_MODEL_TYPES)}. "
+                        "posemb.rotary.from_hf_config / layer_rotaries still give its exact rotary.")
     owner = _rotary_owner(model)
     original = owner.rotary_emb
     if isinstance(original, PosembRotaryEmbedding):

@@ -1,4 +1,4 @@
 """Positional schemes, one file each; every module here is imported by the registry on first use."""
-from posemb.schemes.base import FAMILIES, SITES, PositionalScheme, relative_distance
+from posemb.schemes.base import FAMILIES, SITES, PositionalScheme
 
-__all__ = ["PositionalScheme", "relative_distance", "SITES", "FAMILIES"]
+__all__ = ["PositionalScheme", "SITES", "FAMILIES"]

@@ -47,7 +47,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from posemb.functional.relative import key_minus_query
 
 SITES = ("none", "input", "rotation", "bias", "content")
 FAMILIES = ("none", "absolute", "relative", "rotary")
@@ -193,9 +192,6 @@ def _constant_device(master: Tensor, device: torch.device) -> torch.device:
     """Where a constant lives for ``device``: MPS has no float64, so float64 constants stay on the CPU."""
     return torch.device("cpu") if device.type == "mps" and master.dtype == torch.float64 else device
 
-
-# ``j - i`` (key position minus query position), shape (batch, Lq, Lk); one definition, in the math layer.
-relative_distance = key_minus_query
 
 
 # ---- positions in every layout -----------------------------------------------------------------

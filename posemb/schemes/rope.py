@@ -3,7 +3,7 @@
 ``q_i -> R(i) q_i``, ``k_j -> R(j) k_j`` with the block rotations of :mod:`posemb.functional.rope`,
 so ``q_i . k_j`` depends only on ``j - i``. The frequencies come from
 :func:`posemb.functional.rope_schedules.compute_inv_freq` (default, linear, ntk, dynamic, yarn,
-longrope, llama3); ``attention_scale`` (YaRN / LongRoPE) multiplies cos and sin, as in HF.
+longrope, llama3, proportional); ``attention_scale`` (YaRN / LongRoPE) multiplies cos and sin, as in HF.
 
 How the cos/sin are obtained:
 

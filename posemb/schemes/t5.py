@@ -6,8 +6,9 @@ from torch import Tensor, nn
 
 from posemb._validation import check_bool, check_heads, check_int, check_table_rows
 from posemb.functional.buckets import t5_relative_bucket
+from posemb.functional.relative import key_minus_query
 from posemb.registry import register
-from posemb.schemes.base import PositionalScheme, relative_distance
+from posemb.schemes.base import PositionalScheme
 
 
 @register("t5")
@@ -37,7 +38,7 @@ class T5Bias(PositionalScheme):
         nn.init.zeros_(self.bias.weight)
 
     def buckets(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        return t5_relative_bucket(relative_distance(q_positions, k_positions), bidirectional=not self.causal,
+        return t5_relative_bucket(key_minus_query(q_positions, k_positions), bidirectional=not self.causal,
                                   num_buckets=self.num_buckets, max_distance=self.max_distance)
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:

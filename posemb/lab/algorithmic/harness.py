@@ -18,8 +18,9 @@ answer tokens one by one.
 
 Positions are ``0..T-1`` unless the scheme spec asks for **randomized positions** (Ruoss et al.
 2023, §3): then each sequence's positions are a sorted random subset of ``[0, N)``, at training
-and at test time alike, with ``N`` at least the longest test sequence, so a test sequence only
-uses positions the model has met in training.
+and at test time alike (google-deepmind/randomized_positional_encodings, ``models/transformer.py``,
+draws the noisy positions in every call, training or not), with ``N`` at least the longest test
+sequence, so a test sequence only uses positions the model has met in training.
 
 Test-time RoPE scalings (``rope+yarn``, ...) rebuild the RoPE-trained model with the scaling
 stretched by ``factor = test sequence length / longest training sequence``, as ``posemb study``
@@ -29,13 +30,13 @@ scaling is the identity, and the trained rope's own score is reused.
 from __future__ import annotations
 
 import importlib
-import random
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from posemb.lab.algorithmic.tasks import IGNORE, Task, curriculum_length, derived_seed, make_batch
+from posemb.lab.algorithmic.tasks import Task, curriculum_length, derived_seed, make_batch
 from posemb.lab.evaluate import ROPE_VARIANTS, load_trained_weights, rope_variant_options
 from posemb.lab.train import ModelConfig, build_model
 from posemb.model import TransformerLM
@@ -213,11 +214,3 @@ def score(lm: TransformerLM, task: Task, n: int, samples: int, *, eval_seed: int
     return {"exact": right_rows / samples, "token": right_tokens / (samples * task.answer_length(n)),
             "count": samples, "note": ""}
 
-
-def sequence_lengths(task: Task, lengths) -> dict[int, int]:
-    """Model-input length (tokens read) of an instance of each length."""
-    return {n: task.sequence_length(n) - 1 for n in lengths}
-
-
-def seeded(seed: int) -> random.Random:
-    return random.Random(seed)

@@ -5,7 +5,7 @@ Layout of the output directory (``--out``, default ``./tasks-report``)::
     report.md  results.csv  results.json  accuracy_<task>.png (one per task)
     runs/<task>-<label>-seed<k>-<hash>/checkpoint.pt    weights + optimizer + step (atomic)
                                       train.json       written once training finished
-                                      eval-<hash>.json scores, written as each (label, length) lands
+                                      eval-<hash>.json scores of every (label, length), written when scoring ends
 
 Rerunning the same command skips finished runs, resumes an unfinished one from its checkpoint, and
 scores only what is missing. The hash in a run's name covers everything that changes its weights
@@ -31,10 +31,12 @@ from posemb.lab.algorithmic import harness
 from posemb.lab.algorithmic.harness import PositionedLM, Spec, TrainingBatches, parse_spec
 from posemb.lab.algorithmic.tasks import VOCAB_SIZE, Task, get_task, task_names
 from posemb.lab.checkpoint import atomic_write_json, load_checkpoint, read_json
+from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, init_distributed, resolve_device
+from posemb.lab.errors import CorruptFileError, LabError
 from posemb.lab.evaluate import ROPE_VARIANTS
 from posemb.lab.outdir import OutputDir
 from posemb.lab.progress import StudyLog, format_seconds, token_bar
-from posemb.lab.distributed import barrier, dist_info, init_distributed, resolve_device
+from posemb.lab.runs import RunFolder, finished_stats, read_evaluations, usable_checkpoint
 from posemb.lab.train import ModelConfig, TrainConfig, train_model
 from posemb.registry import available, scheme_class
 
@@ -58,6 +60,7 @@ PROFILES: dict[str, dict] = {
                   max_train_length=3, test_factor=2, test_samples=4, seeds=(0,)),
 }
 DEFAULT_TASKS = {"quick": QUICK_TASKS, "smoke": ("copy", "parity")}
+TIMING = "_timing"  # the eval file's entry for the seconds spent scoring (not a label)
 EVAL_SEED = 10_000  # the test instances: the same for every scheme and seed, so comparisons are paired
 
 
@@ -298,49 +301,46 @@ def run_one(config: SuiteConfig, task: Task, run_label: str, seed: int, specs: l
     identity = {"task": task.name, "max_train_length": config.max_train_length, "run": run_label, "seed": seed,
                 "model": asdict(config.model), "train": asdict(train), "position_range": position_range, "format": 1}
     name = f"{task.name}-{run_label}-seed{seed}"
-    run_dir = out / "runs" / f"{name}-{_hash(identity)}"
-    train_json, checkpoint = run_dir / "train.json", run_dir / "checkpoint.pt"
+    folder = RunFolder(out / "runs" / f"{name}-{_hash(identity)}")
+    eval_identity = {"lengths": config.test_lengths, "samples": config.test_samples, "eval_seed": EVAL_SEED,
+                     "format": 1}
+    eval_path = folder.eval_json(_hash(eval_identity))
     worked = False
-    if info.is_main and run_dir.exists():
-        for stale in run_dir.glob(".*.tmp"):  # writes cut short by kill -9; the files they replace are intact
-            stale.unlink(missing_ok=True)
-    barrier()
-    if train_json.exists() and checkpoint.exists():
-        stats = read_json(train_json)
+    # Rank 0 decides what the folder holds (the study's rules, posemb.lab.runs); every rank follows.
+    look = broadcast_from_main(_inspect(folder, identity, train.steps, eval_path, log.write) if info.is_main else None)
+    stats, entries = look["stats"], look["entries"]
+    if stats is not None:
         trained_now = False
         log.write(f"{name}: already trained ({stats['steps']} steps, loss {stats['final_loss']:.3f}), reused")
     else:
         worked, trained_now = True, True
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "run.json", identity)
+            folder.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(folder.run_json, identity)
         barrier()
         lm = harness.build_run_model(run_spec, config.model, train_length, position_range, seed=seed)
         batches = TrainingBatches(task, run_spec, config.max_train_length, config.train.batch_size, seed,
                                   position_range)
-        start_step = int(load_checkpoint(checkpoint)["step"]) if checkpoint.exists() else 0
+        start_step = int(load_checkpoint(folder.checkpoint)["step"]) if look["resume"] else 0
         log.write(f"{name}: training {train.steps} steps" + (f", resuming from step {start_step}" if start_step else ""))
         on_step = (lambda step: hooks.on_step(name, step)) if hooks.on_step is not None else None
-        result = train_model(PositionedLM(lm), batches, train, device=device, checkpoint_path=checkpoint,
+        result = train_model(PositionedLM(lm), batches, train, device=device, checkpoint_path=folder.checkpoint,
                              checkpoint_every_s=config.checkpoint_every_s, progress=config.progress,
-                             desc=f"{name} train", on_step=on_step)
+                             desc=f"{name} train", name=name, on_step=on_step)
         stats = {"task": task.name, "run": run_label, "seed": seed, "family": scheme_class(run_spec.scheme).family,
                  **result.to_dict(), "position_params": lm.num_position_parameters(),
                  "parameters": sum(p.numel() for p in lm.parameters())}
         if info.is_main:
-            atomic_write_json(train_json, stats)
+            atomic_write_json(folder.train_json, stats)
         barrier()
         log.write(f"{name}: trained, answer loss {stats['final_loss']:.3f}, {stats['train_seconds']:.1f} s")
 
-    eval_identity = {"lengths": config.test_lengths, "samples": config.test_samples, "eval_seed": EVAL_SEED,
-                     "format": 1}
-    eval_path = run_dir / f"eval-{_hash(eval_identity)}.json"
-    entries: dict = read_json(eval_path) if eval_path.exists() else {}
     missing = [(spec, n) for spec in specs for n in config.test_lengths if str(n) not in entries.get(spec.label, {})]
     if missing:
         worked = True
         started = time.perf_counter()
-        state = {k.removeprefix("lm."): v for k, v in load_checkpoint(checkpoint, map_location="cpu")["model"].items()}
+        state = {k.removeprefix("lm."): v
+                 for k, v in load_checkpoint(folder.checkpoint, map_location="cpu")["model"].items()}
         trained = harness.build_run_model(run_spec, config.model, train_length, position_range)
         trained.load_state_dict(state)
         trained.to(device).eval()
@@ -360,15 +360,39 @@ def run_one(config: SuiteConfig, task: Task, run_label: str, seed: int, specs: l
                     result = _score(lm, task, n, config, run_spec, position_range, device)
                 entries.setdefault(spec.label, {})[str(n)] = result
                 bar.update(config.test_samples * read)
-        entries["_seconds"] = entries.get("_seconds", 0.0) + time.perf_counter() - started
+        timing = entries.setdefault(TIMING, {"seconds": 0.0})
+        timing["seconds"] += time.perf_counter() - started
         if info.is_main:
             atomic_write_json(eval_path, entries)
         barrier()
     record = {"name": name, "task": task.name, "run": run_label, "seed": seed,
-              "family": scheme_class(run_spec.scheme).family, "run_dir": str(run_dir), "train": stats,
-              "eval_seconds": entries.get("_seconds", 0.0),
+              "family": scheme_class(run_spec.scheme).family, "run_dir": str(folder.path), "train": stats,
+              "eval_seconds": entries.get(TIMING, {}).get("seconds", 0.0),
               "eval": {spec.label: entries[spec.label] for spec in specs}, "trained_now": trained_now}
     return record, worked
+
+
+def _inspect(folder: RunFolder, identity: dict, steps: int, eval_path: Path, warn) -> dict:
+    """Rank 0's look at a run folder, by the study's rules (:mod:`posemb.lab.runs`): a finished run
+    is reused only if its checkpoint is the one it recorded; an unfinished one resumes from a
+    readable checkpoint (a damaged one is set aside); a folder of another configuration is refused."""
+    if folder.path.exists():
+        # Temporary files of writes cut short by a kill (-9): the complete files they were to replace are intact.
+        for stale in folder.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    stats = finished_stats(folder, steps)
+    resume = True
+    if stats is None:
+        if folder.run_json.exists():
+            try:
+                recorded = read_json(folder.run_json)
+            except CorruptFileError:
+                recorded = None  # rewritten when training starts: nothing finished depends on it
+            if recorded is not None and recorded != identity:
+                raise LabError(f"{folder.run_json} describes another configuration than this run's; "
+                               f"{folder.refuse_advice()}")
+        resume = usable_checkpoint(folder, steps, warn)
+    return {"stats": stats, "resume": resume, "entries": read_evaluations(eval_path, warn)}
 
 
 def _score(lm, task: Task, n: int, config: SuiteConfig, run_spec: Spec, position_range: int, device: str) -> dict:

@@ -20,7 +20,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +87,10 @@ def inspect_folder(path: str | os.PathLike, *, trained_length: int | None = None
     if not folder.is_dir():
         raise ModelFolderError(f"MODEL {str(folder)!r} is not a directory: give a local Hugging Face model folder "
                                "(config.json + *.safetensors); nothing is downloaded")
+    if not (folder / CONFIG_NAME).is_file() and (folder / "run.json").is_file():
+        raise ModelFolderError(f"MODEL {str(folder)!r} is a posemb study run: its TransformerLM (LayerNorm, GELU "
+                               "MLP) has no exact Hugging Face equivalent; extend the demo Llama instead "
+                               "(posemb extend --demo), trained on the same data with the same recipe")
     if not (folder / CONFIG_NAME).is_file():
         raise ModelFolderError(f"MODEL {str(folder)!r} has no {CONFIG_NAME}: not a Hugging Face model folder")
     weights = sorted(folder.glob("*.safetensors"))
@@ -196,7 +199,3 @@ class LogitsOnly(nn.Module):
     def forward(self, input_ids: Tensor, keep: int = 0) -> Tensor:
         return self.model(input_ids=input_ids, use_cache=False, logits_to_keep=keep).logits
 
-
-def save_config_only(config: Any) -> dict:
-    """The config as the dict ``config.json`` would hold."""
-    return config.to_dict()

@@ -26,7 +26,6 @@ what LongRoPE searches over, and what the report plots for every method. The for
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -171,7 +170,3 @@ def describe(setting: MethodSetting, geometry: RopeGeometry) -> str:
         return f"searched factors {factors[0]:.3g}..{factors[-1]:.3g}"
     return f"{p['rope_type']} factor {setting.factor:g}"
 
-
-def is_power_of_two_multiple(length: int, trained: int) -> bool:
-    ratio = length / trained
-    return ratio >= 1 and math.isclose(2 ** round(math.log2(ratio)), ratio)

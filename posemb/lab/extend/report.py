@@ -80,8 +80,9 @@ def claims(rows: list[dict], trained: int) -> list[str]:
                        key=lambda r: ppl(r, target))
         if plain:
             ranking = " < ".join(f"{r['method']} {ppl(r, target):.3f}" for r in plain)
-            gap = compare(plain[0], plain[1], target) if len(plain) > 1 else "only one method"
-            out.append(f"(a) @{target}, no fine-tune, ppl: {ranking} (best vs second: {gap.replace('reproduced', 'apart') if gap == 'reproduced' else gap})")
+            gap = ("only one method" if len(plain) < 2 else
+                   "beyond noise" if compare(plain[0], plain[1], target) == "reproduced" else "within noise")
+            out.append(f"(a) @{target}, no fine-tune, ppl: {ranking} (best vs second: {gap})")
         tuned = {r["method"]: r for r in rows if r["target"] == target and r["finetune_steps"]}
         if "none" in tuned:
             for method, row in tuned.items():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ import torch
 
 from posemb._validation import check_choice, check_int
 from posemb.lab import passkey
-from posemb.lab.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint, read_json
+from posemb.lab.checkpoint import atomic_write_json, load_checkpoint, read_json, torch_bytes
 from posemb.lab.data import load_corpus
 from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, init_distributed, resolve_device
 from posemb.lab.extend import methods as M
@@ -212,10 +211,6 @@ class _Log:
         if self.enabled:
             print(f"[extend | {format_seconds(time.perf_counter() - self.start)}] {message}", file=sys.stderr,
                   flush=True)
-
-
-def _setting_for(config: ExtendConfig, plan: Plan, method: str, target: int, factors) -> M.MethodSetting:
-    return M.method_setting(method, plan.info.geometry, target, long_factor=factors)
 
 
 def _measure(model, config: ExtendConfig, plan: Plan, lengths) -> dict:
@@ -408,8 +403,6 @@ def _export(config, plan, rows, finetuned_weights, setting, out_dir, log) -> dic
             "max_position_embeddings": row["setting"]["max_position_embeddings"],
             "ppl_at_target": row["ppl"][str(target)]["ppl"], "source_model": plan.info.to_dict()}
     write_export(model, config.export, model_folder=config.model, meta=meta)
-    from posemb.lab.checkpoint import torch_bytes
-
     out_dir.write_bytes("export_probe.pt", torch_bytes({"input_ids": probe.cpu(), "logits": logits,
                                                         "label": row["label"]}))
     log(f"exported {row['label']} to {config.export}")
