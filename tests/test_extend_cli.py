@@ -199,6 +199,10 @@ def test_bad_input_is_refused_before_any_work(tiny_llama, data_file, tmp_path, c
     empty.mkdir()
     _refused(capsys, _args(str(empty), out, data_file), "has no config.json")
     _refused(capsys, _args(str(tmp_path / "missing"), out, data_file), "is not a directory")
+    study_run = tmp_path / "rope-seed0-abc"
+    study_run.mkdir()
+    (study_run / "run.json").write_text("{}")
+    _refused(capsys, _args(str(study_run), out, data_file), "is a posemb study run")
     gpt2 = tmp_path / "gpt2"
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=256,
@@ -229,3 +233,98 @@ def test_already_scaled_model_is_refused(tiny_llama, tmp_path, capsys, data_file
     config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     (scaled / "config.json").write_text(json.dumps(config))
     _refused(capsys, _args(str(scaled), tmp_path / "out", data_file), "already uses rope_type 'linear'")
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_llama, data_file, tmp_path):
+    """The memory-saving option for large models recomputes activations: same gradients, same weights."""
+    info = inspect_folder(tiny_llama)
+    setting = M.method_setting("linear", info.geometry, TARGET)
+    tokens = load_corpus(data_file).train
+    trained = []
+    for checkpointing in (False, True):
+        model = load_model(tiny_llama)
+        apply_setting(model, setting)
+        finetune(model, tokens, TARGET, FinetuneConfig(steps=2, batch_size=2, gradient_checkpointing=checkpointing))
+        trained.append(model)
+    assert not trained[1].is_activation_checkpointing  # switched off again after the fine-tune
+    for a, b in zip(trained[0].parameters(), trained[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_demo_model_is_a_llama_trained_with_the_study_recipe(tmp_path, data_file, single_thread):
+    from posemb.lab.extend.demo_model import demo_recipe, train_demo_model
+    from posemb.lab.study import PROFILES
+
+    llama, train = demo_recipe()
+    quick = PROFILES["quick"]
+    assert (llama["hidden_size"], llama["num_hidden_layers"], llama["num_attention_heads"]) == \
+        (quick["model"].dim, quick["model"].depth, quick["model"].heads)
+    assert llama["max_position_embeddings"] == train.train_length == quick["train"].train_length
+    assert (train.steps, train.lr, train.batch_size) == (quick["train"].steps, quick["train"].lr, quick["train"].batch_size)
+    # SwiGLU's three matrices hold as many weights as the study's two 4x GELU ones
+    assert 3 * llama["intermediate_size"] == pytest.approx(2 * 4 * llama["hidden_size"], rel=0.01)
+
+    folder = tmp_path / "demo-model"
+    marker = train_demo_model(folder, steps=2, data=data_file, progress=False)
+    assert marker["result"]["steps"] == 2
+    info = inspect_folder(folder)
+    assert info.architecture == "LlamaForCausalLM" and info.geometry.trained_length == 128
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert train_demo_model(folder, steps=2, data=data_file, progress=False) == marker  # reused, not retrained
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_arguments():
+    import argparse
+
+    from posemb.lab.extend.command import DEMO, add_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    config = config_from_args(parser.parse_args(["extend", "--demo"]))
+    assert config.target_lengths == (512, 1024) == tuple(4 * 128 * k for k in (1, 2))
+    assert config.finetune.steps == DEMO["finetune_steps"] and config.finetune_methods == DEMO["finetune_methods"]
+    assert config.model.endswith("demo-model") and config.export.endswith("export")
+    with pytest.raises(ValueError, match="either MODEL or --demo"):
+        config_from_args(parser.parse_args(["extend", "somewhere", "--demo"]))
+    with pytest.raises(ValueError, match="--target-length is required"):
+        config_from_args(parser.parse_args(["extend", "somewhere"]))
+
+
+def test_a_tokenizer_model_is_measured_in_its_own_tokens(tmp_path, data_file, single_thread):
+    """A folder with a tokenizer (built here from the data, no download): perplexity windows and passkey
+    samples are token ids of exactly the asked length, the key whole tokens at the end."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from posemb.lab.extend.codec import Codec
+    from posemb.lab.extend.measure import passkey_grid, passkey_set
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train([data_file], trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "tok-llama"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+    fast.save_pretrained(folder)
+    config = transformers.LlamaConfig(vocab_size=fast.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+                                      pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    info = inspect_folder(folder)
+    codec = Codec(info)
+    assert not codec.byte_level
+    ids = codec.from_bytes(load_corpus(data_file).validation, 500)
+    assert ids.numel() == 500 and int(ids.max()) < fast.vocab_size
+    rows, answer = passkey_set(codec, 96, 0.5, 3, seed=0)
+    assert rows.shape == (3, 97) and answer >= 1
+    key = fast.decode(rows[0, -answer:].tolist())
+    assert key.isdigit() and len(key) == 5
+    model = LogitsOnly(load_model(folder))
+    cells = passkey_grid(model, codec, [96], [0.0, 1.0], samples=2)
+    assert [c["accuracy"] for c in cells] == [0.0, 0.0]  # an untrained model does not find keys
+    result = sliding_window_perplexity(model, ids, 64, 32)
+    assert result["tokens"] == 64 + 32 * (len(result["window_losses"]) - 1)
+    assert fast.vocab_size * 0.5 < result["ppl"] < fast.vocab_size * 2  # untrained: about uniform

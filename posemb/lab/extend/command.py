@@ -70,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> ExtendConfig:
                         else DEMO["finetune_methods"] if demo else ())
     methods = _names(args.methods, "--methods") if args.methods else METHODS
     if demo and not args.finetune_methods:
-        finetune_methods = tuple(m for m in finetune_methods if m in methods)
+        finetune_methods = tuple(m for m in finetune_methods if m in methods) if finetune.steps else ()
     config = ExtendConfig(
         model=str(Path(out) / "demo-model") if demo else args.model, target_lengths=targets, methods=methods,
         out=out, data=args.data, trained_length=args.trained_length,

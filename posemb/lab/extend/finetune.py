@@ -9,7 +9,7 @@ batch, gradients averaged). Weight decay is off by default: a fine-tune should m
 weights only where the data asks (the PI paper fine-tunes without it).
 
 Memory on a large model: ``gradient_checkpointing`` recomputes each layer's activations in the
-backward pass (transformers' ``gradient_checkpointing_enable``), and on CUDA the forward runs under
+backward pass (transformers' ``activation_checkpointing_enable``), and on CUDA the forward runs under
 bfloat16 autocast; the weights keep the dtype they were loaded in.
 """
 from __future__ import annotations
@@ -60,9 +60,11 @@ def finetune(model: nn.Module, tokens: Tensor, length: int, config: FinetuneConf
     config.validate()
     if config.steps < 1:
         raise ValueError("finetune needs --finetune-steps >= 1")
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; 4.x has only the old name
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable()
     batches = RandomWindows(tokens, length, config.batch_size, config.seed)
     wrapped = LogitsOnly(model)
     try:
@@ -72,5 +74,5 @@ def finetune(model: nn.Module, tokens: Tensor, length: int, config: FinetuneConf
                            name=name, on_step=on_step)
     finally:
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            disable()
         model.eval()

@@ -99,6 +99,8 @@ class ExtendConfig:
             check_choice("--methods", method, M.METHODS)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--methods must not repeat, got {list(self.methods)}")
+        if self.finetune_methods and not self.finetune.steps:
+            raise ValueError("--finetune-methods needs --finetune-steps >= 1 (no fine-tune was asked for)")
         extra = sorted(set(self.finetune_methods) - set(self.methods))
         if extra:
             raise ValueError(f"--finetune-methods {extra} are not among --methods {list(self.methods)}")
