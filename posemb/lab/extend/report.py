@@ -8,7 +8,8 @@ model's at the trained length ``L``):
 * ``holds at N`` when ``p_N <= (1 + HOLD_TOLERANCE) · p_0``, ``degrades at N`` up to ``FAIL_RATIO · p_0``,
   ``fails at N`` beyond;
 * the short-context cost is the row's perplexity at ``L`` over ``p_0``, minus 1: what the method
-  costs on inputs the model already handled; stated when above ``HOLD_TOLERANCE / 2``.
+  costs on inputs the model already handled; stated when above ``HOLD_TOLERANCE / 2``;
+* the passkey accuracy at ``N`` (mean over depths), when measured.
 
 Claims (the papers' comparisons, each stated as reproduced, not reproduced or within noise): two
 rows are compared on the same windows of the same text (paired), and a difference in mean loss
@@ -67,6 +68,9 @@ def verdict(row: dict, base: dict, trained: int) -> str:
     cost = ppl(row, trained) / ppl(base, trained) - 1
     if cost > HOLD_TOLERANCE / 2:
         text += f"; short-context cost +{100 * cost:.1f}%"
+    accuracy = mean_accuracy(row["passkey"], target)
+    if accuracy is not None:
+        text += f"; passkey {100 * accuracy:.0f}% at {target}"
     return text
 
 
@@ -165,7 +169,8 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                   f"max_position_embeddings {e['max_position_embeddings']})."]
     if meta.get("command"):
         lines += ["", f"Command: `{meta['command']}`"]
-    lines += ["", f"Wall time: {meta['wall_seconds']:.0f} s."]
+    lines += ["", f"Wall time of this invocation: {meta['wall_seconds']:.0f} s (a rerun reuses finished "
+              "measurements, searches and fine-tunes)."]
     return "\n".join(lines) + "\n"
 
 
