@@ -15,7 +15,7 @@ pass and hands the result to every layer; ``LlamaRotaryEmbedding.forward`` retur
 
 and each attention layer applies ``q * cos + rotate_half(q) * sin`` with
 ``rotate_half(x) = cat(-x[d/2:], x[:d/2])``, i.e. the half-split ("NeoX") layout
-(``shared/reference/rope_scaling.md`` §0, §1.5). Qwen2 and Mistral are built the same way.
+(transformers ``models/llama/modeling_llama.py``: ``LlamaRotaryEmbedding``, ``apply_rotary_pos_emb``). Qwen2 and Mistral are built the same way.
 
 Two ways to put posemb's rotary there
 -------------------------------------

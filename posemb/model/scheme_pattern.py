@@ -1,6 +1,6 @@
 """Per-layer positional schemes for :class:`~posemb.model.TransformerLM`.
 
-``scheme`` is one name (every layer the same scheme, as before) or a *pattern*: a list whose
+``scheme`` is one name (every layer the same scheme) or a *pattern*: a list whose
 entries are a name or a ``(name, options)`` pair, repeated over the depth. Models that mix
 encodings by layer are then one argument:
 
