@@ -48,10 +48,32 @@ from posemb._validation import check_choice, check_even, check_int, check_tensor
 
 LAYOUTS = ("half", "interleaved")
 PATCH_MODES = ("auto", "cos_sin", "hooks")
-#: model types whose patched forward is tested end to end (tests/test_integration_hf.py: logits within
-#: 1e-5 for every rope_type); any other family is refused rather than risk a silently wrong patch
-#: (NoPE layers that hooks would rotate, per-layer-type rotaries, attention code that slices q/k itself)
-PATCHABLE_MODEL_TYPES = ("llama", "qwen2", "mistral")
+#: what each patchable family's rotary module returns and its attention accepts (transformers 5.24
+#: ``models/<model>/modeling_<model>.py``, ``<Model>RotaryEmbedding.forward`` / ``apply_rotary_pos_emb``):
+#: ``cos_format``: ``"cat"`` (``cat(freqs, freqs)``) or ``"repeat_interleave"`` (Cohere's
+#: ``repeat_interleave(freqs, 2)``); ``layout``: the channel pairing of its apply function;
+#: ``partial``: its apply function rotates only ``cos.shape[-1]`` leading channels (``q[..., :rotary_dim]``),
+#: so a partial rotary goes through cos/sin; ``hooks``: rotating the raw ``q_proj`` / ``k_proj`` outputs is
+#: the same as rotating the heads (no q/k norm between projection and rotation, as in Qwen3 / OLMo 2 /
+#: Cohere), so mode ``"hooks"`` is exact.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    **{name: dict(cos_format="cat", layout="half", partial=False, hooks=True)
+       for name in ("llama", "qwen2", "mistral")},
+    # half-split over the whole head; SmolLM3's NoPE layers skip the rotation themselves (use_rope)
+    **{name: dict(cos_format="cat", layout="half", partial=False, hooks=False)
+       for name in ("qwen3", "granite", "olmo2", "smollm3", "gemma2")},
+    # half-split over the leading cos.shape[-1] channels (partial rotary, Phi-3 LongRoPE)
+    **{name: dict(cos_format="cat", layout="half", partial=True, hooks=False)
+       for name in ("phi3", "gpt_neox", "stablelm")},
+    # GLM: apply_rotary_pos_emb takes cos[..., :r/2].repeat_interleave(2) over (2i, 2i+1), partial
+    **{name: dict(cos_format="cat", layout="interleaved", partial=True, hooks=False) for name in ("glm", "glm4")},
+    "cohere": dict(cos_format="repeat_interleave", layout="interleaved", partial=False, hooks=False),
+}
+#: model types whose patched forward is tested end to end (tests/test_integration_hf.py,
+#: tests/test_patch_rotary_families.py: logits within 1e-5 and identical greedy decoding); any other
+#: family is refused rather than risk a silently wrong patch (per-layer-type rotary modules,
+#: attention code that rotates differently)
+PATCHABLE_MODEL_TYPES = tuple(_FAMILIES)
 
 __all__ = ["LAYOUTS", "PATCH_MODES", "PosembRotaryEmbedding", "patch_rotary", "unpatch_rotary",
            "is_patched", "permute_qk_for_layout", "convert_model_layout"]
@@ -120,13 +142,15 @@ class PosembRotaryEmbedding(nn.Module):
     (mode ``"hooks"``, where the q/k projection hooks rotate instead; see the module docstring).
     """
 
-    def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin"):
+    def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin", cos_format: str = "cat"):
         super().__init__()
         check_int("head_dim", head_dim, minimum=2)
         check_choice("mode", mode, ("cos_sin", "hooks"))
+        check_choice("cos_format", cos_format, ("cat", "repeat_interleave"))
         self.rope = rope
         self.head_dim = head_dim
         self.mode = mode
+        self.cos_format = cos_format
         self.interleaved = getattr(rope, "layout", "half") == "interleaved"
         # Neither of these is a submodule: the original must not be moved or saved with the model,
         # and the stash lives only for one forward pass.
@@ -144,7 +168,11 @@ class PosembRotaryEmbedding(nn.Module):
         check_tensor("position_ids", position_ids, ndim=2, integer=True)
         cos, sin = self.rope.cos_sin(position_ids.to(x.device))  # float32 (B, L, rotary_dim/2), times scale
         if self.mode == "cos_sin":
-            # HF's rotate_half pairs channel i with i + head_dim/2, hence the duplicated halves.
+            if self.cos_format == "repeat_interleave":
+                # Cohere's apply pairs 2i with 2i+1, so each frequency sits on two adjacent channels.
+                return (cos.repeat_interleave(2, dim=-1).to(x.dtype), sin.repeat_interleave(2, dim=-1).to(x.dtype))
+            # HF's rotate_half pairs channel i with i + r/2, hence the duplicated halves (GLM's apply
+            # reads only the first half and interleaves it itself).
             return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
         object.__setattr__(self, "_stash", (cos, sin))
         shape = (*position_ids.shape, self.head_dim)
@@ -199,7 +227,8 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
     _check_hf_model(model)
     check_choice("mode", mode, PATCH_MODES)
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in PATCHABLE_MODEL_TYPES:
+    family = _FAMILIES.get(model_type)
+    if family is None:
         raise TypeError(f"patch_rotary does not support {type(model).__name__} (model_type={model_type!r}): its "
                         f"patched forward is not verified; supported model types: {list(PATCHABLE_MODEL_TYPES)}. "
                         "posemb.rotary.from_hf_config / layer_rotaries still give its exact rotary.")
@@ -218,15 +247,24 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
     rotary_dim = int(rope.rotary_dim)
     if rotary_dim > head_dim:
         raise ValueError(f"rope.rotary_dim = {rotary_dim} is larger than the model's head_dim = {head_dim}")
-    interleaved = getattr(rope, "layout", "half") == "interleaved"
+    layout = getattr(rope, "layout", "half")
+    # cos/sin alone carry the rope when the model's apply function has the rope's pairing and
+    # rotates exactly rope.rotary_dim channels; otherwise only the q/k hooks can.
+    native = layout == family["layout"] and (rotary_dim == head_dim or family["partial"])
     if mode == "auto":
-        mode = "cos_sin" if (not interleaved and rotary_dim == head_dim) else "hooks"
-    elif mode == "cos_sin" and (interleaved or rotary_dim != head_dim):
-        raise ValueError(f"mode='cos_sin' needs a half-split rope over the whole head (layout 'half', rotary_dim = "
-                         f"head_dim = {head_dim}); got layout {getattr(rope, 'layout', 'half')!r}, rotary_dim "
-                         f"{rotary_dim}; use mode='hooks' or 'auto'")
+        mode = "cos_sin" if native or not family["hooks"] else "hooks"
+    if mode == "cos_sin" and not native:
+        span = "a leading slice of the head" if family["partial"] else f"the whole head (rotary_dim = {head_dim})"
+        raise ValueError(f"mode='cos_sin' on {type(model).__name__} needs a rope of layout {family['layout']!r} over "
+                         f"{span}; got layout {layout!r}, rotary_dim {rotary_dim}"
+                         + ("; use mode='hooks' or 'auto'" if family["hooks"] else
+                            f"; {type(model).__name__} supports only mode='cos_sin' (its q/k pass through a norm "
+                            "or an apply function that hooks cannot reproduce)"))
+    if mode == "hooks" and not family["hooks"]:
+        raise ValueError(f"mode='hooks' is not supported on {type(model).__name__} (model_type={model_type!r}): "
+                         f"only on {[name for name, f in _FAMILIES.items() if f['hooks']]}; use mode='cos_sin'")
 
-    module = PosembRotaryEmbedding(rope, head_dim, mode)
+    module = PosembRotaryEmbedding(rope, head_dim, mode, family["cos_format"])
     device = next((buffer.device for buffer in original.buffers()), None)
     if device is not None:
         module.to(device)
