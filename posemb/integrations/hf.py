@@ -98,7 +98,8 @@ def _check_hf_model(model: Any) -> None:
 
 def _rotary_owner(model: nn.Module) -> nn.Module:
     """The module that owns ``rotary_emb``: the base model (``model.model``) or the model itself."""
-    for owner in (model, getattr(model, "model", None)):
+    # base_model covers heads whose base model is not called `model` (GPTNeoXForCausalLM.gpt_neox).
+    for owner in (model, getattr(model, "model", None), getattr(model, "base_model", None)):
         if isinstance(owner, nn.Module) and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
             return owner
     raise TypeError(f"model must be a Llama-family transformers model with a `rotary_emb` module at "

@@ -1,0 +1,110 @@
+"""patch_rotary beyond Llama / Qwen2 / Mistral: every family in ``hf._FAMILIES`` on a tiny random
+model built from its config class (no download).
+
+Oracle: the unpatched model itself (HF's own rotary module and apply function): logits within
+1e-5 and 20 greedy tokens with a ``DynamicCache`` identical. A perturbed base must move the logits
+far past the tolerance on each family, so the parity check can fail.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from posemb.integrations import hf  # noqa: E402
+from posemb.integrations.hf import PosembRotaryEmbedding, is_patched, patch_rotary, unpatch_rotary  # noqa: E402
+from posemb.rotary import from_hf_config  # noqa: E402
+
+TOL = 1e-5
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, initializer_range=0.05,
+               pad_token_id=0)
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+             "short_factor": [1.0 + 0.1 * j for j in range(8)], "long_factor": [1.0 + 0.5 * j for j in range(8)]}
+
+#: family -> (class name prefix, config overrides, expected mode, expected rotary_dim of head_dim 16)
+FAMILIES = {
+    "qwen3": ("Qwen3", dict(head_dim=16), 16),
+    "granite": ("Granite", dict(), 16),
+    "olmo2": ("Olmo2", dict(), 16),
+    "phi3": ("Phi3", dict(rope_parameters=_LONGROPE, original_max_position_embeddings=32), 16),
+    "gpt_neox": ("GPTNeoX", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "partial_rotary_factor": 0.5}), 8),
+    "stablelm": ("StableLm", dict(), 4),  # default partial_rotary_factor 0.25
+    "cohere": ("Cohere", dict(logit_scale=1.0), 16),  # default 0.0625 shrinks logit differences 16x
+    "glm": ("Glm", dict(head_dim=16), 8),  # default partial_rotary_factor 0.5
+    "glm4": ("Glm4", dict(head_dim=16), 8),
+    "gemma2": ("Gemma2", dict(head_dim=16), 16),
+    "smollm3": ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0]), 16),
+}
+
+
+def _model(family: str, seed: int = 0):
+    prefix, overrides, _ = FAMILIES[family]
+    config = getattr(transformers, f"{prefix}Config")(**{**_COMMON, **overrides})
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+
+
+def _tokens(length: int, batch: int = 2) -> torch.Tensor:
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_every_family_in_the_table_is_tested():
+    assert set(FAMILIES) | {"llama", "qwen2", "mistral"} == set(hf.PATCHABLE_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patch_keeps_logits_and_greedy_decoding(family):
+    model = _model(family)
+    assert model.config.model_type == family
+    # 40 > 32 crosses Phi-3's LongRoPE switch from short to long factors
+    tokens = _tokens(40)
+    reference = _logits(model, tokens)
+    prompt = _tokens(8, batch=1)
+    settings = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference_tokens = model.generate(prompt, cache=transformers.DynamicCache(config=model.config),
+                                          **settings)
+    original = patch_rotary(model)
+    module = model.base_model.rotary_emb
+    assert is_patched(model) and isinstance(module, PosembRotaryEmbedding) and module.mode == "cos_sin"
+    assert module.rope.rotary_dim == FAMILIES[family][2]
+    assert (logit_diff := (_logits(model, tokens) - reference).abs().max().item()) <= TOL, logit_diff
+    with torch.no_grad():
+        ours = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
+    assert ours.shape[1] == prompt.shape[1] + 20
+    assert torch.equal(ours, reference_tokens)
+    assert unpatch_rotary(model).original is original and model.base_model.rotary_emb is original
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_wrong_base_is_detected_on_every_family(family):
+    model = _model(family)
+    tokens = _tokens(40)
+    reference = _logits(model, tokens)
+    patch_rotary(model, from_hf_config(model.config, base=from_hf_config(model.config).base * 1.05))
+    assert (_logits(model, tokens) - reference).abs().max().item() > 20 * TOL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "cohere", "glm4"])
+def test_hooks_mode_is_refused_where_it_would_be_wrong(family):
+    """Qwen3 / Cohere normalise q/k heads after the projection; GLM rotates a slice itself."""
+    model = _model(family)
+    with pytest.raises(ValueError, match="mode='hooks' is not supported on"):
+        patch_rotary(model, mode="hooks")
+    assert not is_patched(model)
+
+
+@pytest.mark.parametrize("family, layout", [("qwen3", "interleaved"), ("cohere", "half"), ("glm", "half")])
+def test_a_rope_of_the_other_layout_is_refused(family, layout):
+    model = _model(family)
+    with pytest.raises(ValueError, match=f"needs a rope of layout"):
+        patch_rotary(model, from_hf_config(model.config, layout=layout))
+    assert not is_patched(model)
