@@ -506,3 +506,35 @@ def test_proportional_round_trips_through_to_hf_config():
         "rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}})
     again = from_hf_config({"model_type": "llama", **to_hf_config(rope)})
     assert torch.equal(again.inv_freq64, rope.inv_freq64) and int((rope.inv_freq64 > 0).sum()) == 64
+
+
+def test_mrope_configs_give_an_mrope_with_the_models_section_and_pairing():
+    """Qwen2-VL: contiguous sections, the config's mrope_section, else the model's default; Qwen3-VL:
+    interleaved whatever the config says (its code never reads mrope_interleaved). Other configs
+    with an mrope_section stay refused."""
+    from posemb.schemes.mrope import MRoPE
+
+    qwen2 = {"model_type": "qwen2_vl_text", "hidden_size": 512, "num_attention_heads": 8, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}}
+    rope = from_hf_config(qwen2)
+    assert isinstance(rope, MRoPE) and rope.mrope_section == (8, 12, 12) and not rope.mrope_interleaved
+    del qwen2["rope_parameters"]["mrope_section"]
+    with pytest.raises(ValueError, match="mrope_section must sum to rotary_dim / 2 = 32"):
+        from_hf_config(qwen2)  # the model's default [16, 24, 24] needs head_dim 128
+    qwen3 = {"model_type": "qwen3_vl_text", "head_dim": 128, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 5e5, "mrope_interleaved": False}}
+    rope = from_hf_config(qwen3)
+    assert isinstance(rope, MRoPE) and rope.mrope_section == (24, 20, 20) and rope.mrope_interleaved
+    # text positions (t = h = w): the same rotation as the 1-D RoPE
+    q, k = torch.randn(2, 1, 5, 128, dtype=torch.float64), torch.randn(2, 1, 5, 128, dtype=torch.float64)
+    positions = torch.arange(5)[None].expand(2, 5)
+    one_d = from_hf_config({"model_type": "qwen3", "head_dim": 128, "rope_theta": 5e5})
+    assert not isinstance(one_d, MRoPE)
+    ours = rope.rotate(q, k, positions.expand(3, -1, -1), positions.expand(3, -1, -1))
+    for a, b in zip(ours, one_d.rotate(q, k, positions, positions)):
+        assert torch.allclose(a, b, atol=1e-12)
+    with pytest.raises(ValueError, match="mrope_interleaved"):  # an M-RoPE key on a 1-D model is not dropped
+        from_hf_config({**qwen3, "model_type": "qwen3"})
+    with pytest.raises(ValueError, match="mrope_section: refused"):
+        from_hf_config({**qwen2, "model_type": "llama", "rope_parameters": {"rope_theta": 1e6,
+                                                                             "mrope_section": [8, 12, 12]}})

@@ -9,7 +9,8 @@ config must hit one of the documented rule refusals -- or returns a RoPE whose
 * ``inv_freq`` equals the model's rotary buffer (float32 rounding), and whose attention scale equals its ``attention_scaling``;
 * cos/sin equal float64 ``cos(m·θ_j)``, ``sin(m·θ_j)`` times that scale;
 * rotated ``q·k`` scores equal those of the model's own rotary module + apply function (through
-  ``tests/_hf_zoo.py``, which knows nothing of posemb's architecture table) within 1e-5 relative.
+  ``tests/_hf_zoo.py``, which knows nothing of posemb's architecture table) within 1e-4 relative;
+  for an M-RoPE result (``MRoPE``) on text positions and on distinct (3, batch, seq) positions.
 
 The same configs as ``config.to_dict()`` dicts (what ``config.json`` holds) must give the same module.
 """
@@ -94,11 +95,24 @@ def _check_case(model_type: str, cls, config, layer_type) -> str:
     assert torch.allclose(cos, angles.cos() * rope.attention_scale, atol=1e-12)
     assert torch.allclose(sin, angles.sin() * rope.attention_scale, atol=1e-12)
 
-    q_ours, k_ours = rope.rotate(q, k, positions, positions)
+    # text tokens of an M-RoPE model have t = h = w
+    text_positions = positions.expand(3, -1, -1) if getattr(rope, "position_axes", 1) == 3 else positions
+    q_ours, k_ours = rope.rotate(q, k, text_positions, text_positions)
     ours = q_ours @ k_ours.transpose(-1, -2)
     theirs = q_model.double() @ k_model.double().transpose(-1, -2)
     error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     assert error < SCORE_RTOL, f"{model_type}[{layer_type}]: q·k differs from the model's by {error:.2e} (layout {rope.layout})"
+
+    if getattr(rope, "position_axes", 1) == 3:  # M-RoPE: distinct (temporal, height, width) per token too
+        grid = _positions(batch, length)
+        positions3 = torch.stack((grid, grid // 2 + 3, grid % 3 + 7 * grid // 4))
+        q_model, k_model, *_ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions3)
+        q_ours, k_ours = rope.rotate(q, k, positions3, positions3)
+        ours = q_ours @ k_ours.transpose(-1, -2)
+        theirs = q_model.double() @ k_model.double().transpose(-1, -2)
+        error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+        assert error < SCORE_RTOL, f"{model_type}[{layer_type}]: M-RoPE q·k on (3, B, L) positions differs by {error:.2e}"
+        COUNTS["M-RoPE (3, B, L) positions agree"] += 1
 
     # the same config as a raw dict
     raw = from_hf_config(config.to_dict(), **kwargs)

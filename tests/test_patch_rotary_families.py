@@ -37,14 +37,21 @@ FAMILIES = {
     "glm4": ("Glm4", dict(head_dim=16), 8),
     "gemma2": ("Gemma2", dict(head_dim=16), 16),
     "smollm3": ("SmolLM3", dict(num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0]), 16),
+    # a local base on sliding layers, a scaled global one on full layers (one rotary module, per layer type)
+    "gemma3_text": ("Gemma3Text", dict(
+        head_dim=16, num_hidden_layers=4, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}}), 16),
 }
+_MODEL_CLASS = {"gemma3_text": "Gemma3"}  # Gemma3ForCausalLM takes a Gemma3TextConfig
 
 
 def _model(family: str, seed: int = 0):
     prefix, overrides, _ = FAMILIES[family]
     config = getattr(transformers, f"{prefix}Config")(**{**_COMMON, **overrides})
     torch.manual_seed(seed)
-    return getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    return getattr(transformers, f"{_MODEL_CLASS.get(family, prefix)}ForCausalLM")(config).eval()
 
 
 def _tokens(length: int, batch: int = 2) -> torch.Tensor:
@@ -89,7 +96,12 @@ def test_a_wrong_base_is_detected_on_every_family(family):
     model = _model(family)
     tokens = _tokens(40)
     reference = _logits(model, tokens)
-    patch_rotary(model, from_hf_config(model.config, base=from_hf_config(model.config).base * 1.05))
+    if family == "gemma3_text":  # only the full layers' base is wrong: the sliding one still matches
+        patch_rotary(model, {"sliding_attention": from_hf_config(model.config, layer_type="sliding_attention"),
+                             "full_attention": from_hf_config(model.config, layer_type="full_attention",
+                                                              base=1050.0)})
+    else:
+        patch_rotary(model, from_hf_config(model.config, base=from_hf_config(model.config).base * 1.05))
     assert (_logits(model, tokens) - reference).abs().max().item() > 20 * TOL
 
 
@@ -107,4 +119,27 @@ def test_a_rope_of_the_other_layout_is_refused(family, layout):
     model = _model(family)
     with pytest.raises(ValueError, match=f"needs a rope of layout"):
         patch_rotary(model, from_hf_config(model.config, layout=layout))
+    assert not is_patched(model)
+
+
+def test_per_layer_type_rotary_uses_each_layer_types_own_rope():
+    """Gemma 3: the patched module returns HF's (cos, sin) for each layer type, and a mapping that
+    misses a layer type is refused."""
+    model = _model("gemma3_text")
+    hf_rotary = model.base_model.rotary_emb
+    patch_rotary(model)
+    ours = model.base_model.rotary_emb
+    x, positions = torch.zeros(1, 40, 64), torch.arange(40).unsqueeze(0)
+    with torch.no_grad():
+        pairs = {name: (hf_rotary(x, positions, name), ours(x, positions, name))
+                 for name in ("sliding_attention", "full_attention")}
+    for (hf_cos, hf_sin), (cos, sin) in pairs.values():
+        assert (cos - hf_cos).abs().max().item() <= TOL and (sin - hf_sin).abs().max().item() <= TOL
+    sliding, full = (pairs[name][1][0] for name in ("sliding_attention", "full_attention"))
+    assert (sliding - full).abs().max().item() > 0.1  # the two types really differ
+    with pytest.raises(ValueError, match="layer_type must be one of"):
+        ours(x, positions, "chunked_attention")
+    unpatch_rotary(model)
+    with pytest.raises(ValueError, match="one rope per layer type"):
+        patch_rotary(model, {"full_attention": from_hf_config(model.config, layer_type="full_attention")})
     assert not is_patched(model)

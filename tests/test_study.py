@@ -296,7 +296,12 @@ def test_verdicts_are_computed_from_the_numbers():
 
 def test_profiles_and_defaults():
     quick = make_config()
-    assert set(quick.schemes) == set(posemb.available())
+    # Every registered scheme but the documented opt-in ones, each of which must be registered
+    # and give its reason.
+    from posemb.lab.study import OPT_IN_SCHEMES
+    assert set(quick.schemes) == set(posemb.available()) - set(OPT_IN_SCHEMES)
+    assert set(OPT_IN_SCHEMES) <= set(posemb.available())
+    assert all(isinstance(reason, str) and reason for reason in OPT_IN_SCHEMES.values())
     assert quick.eval_lengths == (128, 256, 512, 1024, 2048)
     assert (quick.model.dim, quick.model.depth, quick.model.heads) == (128, 3, 4)
     assert (quick.train.batch_size, quick.train.steps) == (32, 300)

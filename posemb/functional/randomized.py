@@ -3,9 +3,10 @@ Veness, ACL 2023, "Randomized Positional Encodings Boost Length Generalization o
 arXiv 2305.16843, §3; google-deepmind/randomized_positional_encodings).
 
 During training each sequence of length n gets, instead of 0 .. n-1, a sorted random subset of n
-distinct positions from [0, N) with N larger than any test length; at evaluation the ordinary
-positions 0 .. n-1 are used. The model thus sees every position up to N (and every distance up
-to N) while training on short sequences. Any scheme can use it: it only changes the positions.
+distinct positions from [0, N) with N larger than any test length, so the model sees every
+position up to N (and every distance up to N) while training on short sequences. The reference
+code (``models/transformer.py``) draws such positions at test time too; the algorithmic suite
+(``posemb tasks``) follows it. Any scheme can use it: it only changes the positions.
 """
 from __future__ import annotations
 

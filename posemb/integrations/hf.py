@@ -1,5 +1,6 @@
-"""Hugging Face ``transformers`` bridge: posemb's rotary inside a Llama-family model, and the
-q/k weight permutation between the two RoPE memory layouts.
+"""Hugging Face ``transformers`` bridge: posemb's rotary inside a ``transformers`` model (the
+families of ``PATCHABLE_MODEL_TYPES``), and the q/k weight permutation between the two RoPE
+memory layouts.
 
 ``transformers`` is an optional dependency. It is imported inside the functions that need it, so
 ``import posemb.integrations.hf`` works without it; those functions raise a clear ``ImportError``.
@@ -16,6 +17,10 @@ pass and hands the result to every layer; ``LlamaRotaryEmbedding.forward`` retur
 and each attention layer applies ``q * cos + rotate_half(q) * sin`` with
 ``rotate_half(x) = cat(-x[d/2:], x[:d/2])``, i.e. the half-split ("NeoX") layout
 (transformers ``models/llama/modeling_llama.py``: ``LlamaRotaryEmbedding``, ``apply_rotary_pos_emb``). Qwen2 and Mistral are built the same way.
+The other families differ in what their apply function does with (cos, sin), recorded per model
+type in ``_FAMILIES``: GPT-NeoX / StableLM / Phi-3 / GLM rotate only the leading ``cos.shape[-1]``
+channels (partial rotary), GLM reads ``cos[..., :r/2].repeat_interleave(2)`` and pairs (2i, 2i+1),
+Cohere's module returns ``repeat_interleave(freqs, 2)``, Gemma 3 calls its module once per layer type.
 
 Two ways to put posemb's rotary there
 -------------------------------------
@@ -39,7 +44,7 @@ inverse (torchtune ``hf_to_tune._permute``): ``w.view(n_heads, 2, hd//2, in).tra
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +73,9 @@ _FAMILIES: dict[str, dict[str, Any]] = {
     # GLM: apply_rotary_pos_emb takes cos[..., :r/2].repeat_interleave(2) over (2i, 2i+1), partial
     **{name: dict(cos_format="cat", layout="interleaved", partial=True, hooks=False) for name in ("glm", "glm4")},
     "cohere": dict(cos_format="repeat_interleave", layout="interleaved", partial=False, hooks=False),
+    # one rotary module for all layers, called with the layer type (Gemma3RotaryEmbedding.forward(x,
+    # position_ids, layer_type)): a local base for sliding layers, the scaled global one for full ones
+    "gemma3_text": dict(cos_format="cat", layout="half", partial=False, hooks=False, per_layer_type=True),
 }
 #: model types whose patched forward is tested end to end (tests/test_integration_hf.py,
 #: tests/test_patch_rotary_families.py: logits within 1e-5 and identical greedy decoding); any other
@@ -143,7 +151,8 @@ class PosembRotaryEmbedding(nn.Module):
     (mode ``"hooks"``, where the q/k projection hooks rotate instead; see the module docstring).
     """
 
-    def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin", cos_format: str = "cat"):
+    def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin", cos_format: str = "cat",
+                 layer_ropes: Mapping[str, nn.Module] | None = None):
         super().__init__()
         check_int("head_dim", head_dim, minimum=2)
         check_choice("mode", mode, ("cos_sin", "hooks"))
@@ -152,6 +161,8 @@ class PosembRotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.mode = mode
         self.cos_format = cos_format
+        # Per-layer-type families (Gemma 3) pass the layer type to forward; `rope` is then one of these.
+        self.layer_ropes = nn.ModuleDict(dict(layer_ropes)) if layer_ropes is not None else None
         self.interleaved = getattr(rope, "layout", "half") == "interleaved"
         # Neither of these is a submodule: the original must not be moved or saved with the model,
         # and the stash lives only for one forward pass.
@@ -163,11 +174,16 @@ class PosembRotaryEmbedding(nn.Module):
         return (f"head_dim={self.head_dim}, rotary_dim={self.rope.rotary_dim}, mode={self.mode!r}, "
                 f"layout={'interleaved' if self.interleaved else 'half'}")
 
-    def forward(self, x: Tensor, position_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, position_ids: Tensor | None = None,
+                layer_type: str | None = None) -> tuple[Tensor, Tensor]:
         if position_ids is None:
             position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
         check_tensor("position_ids", position_ids, ndim=2, integer=True)
-        cos, sin = self.rope.cos_sin(position_ids.to(x.device))  # float32 (B, L, rotary_dim/2), times scale
+        rope = self.rope
+        if self.layer_ropes is not None:
+            check_choice("layer_type", layer_type, tuple(self.layer_ropes))
+            rope = self.layer_ropes[layer_type]
+        cos, sin = rope.cos_sin(position_ids.to(x.device))  # float32 (B, L, rotary_dim/2), times scale
         if self.mode == "cos_sin":
             if self.cos_format == "repeat_interleave":
                 # Cohere's apply pairs 2i with 2i+1, so each frequency sits on two adjacent channels.
@@ -204,17 +220,52 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(_rotary_owner(model).rotary_emb, PosembRotaryEmbedding)
 
 
+def _fits_natively(rope: Any, head_dim: int, family: Mapping[str, Any]) -> bool:
+    """Check ``rope`` is a posemb rope that fits the head; True when cos/sin alone carry it, i.e. the
+    model's apply function has the rope's pairing and rotates exactly ``rope.rotary_dim`` channels
+    (otherwise only the q/k hooks can)."""
+    for attribute in ("cos_sin", "rotary_dim"):
+        if not hasattr(rope, attribute):
+            raise TypeError(f"rope must be a posemb rope with `{attribute}` (e.g. posemb.rotary.from_hf_config(...)), "
+                            f"got {type(rope).__name__}")
+    rotary_dim = int(rope.rotary_dim)
+    if rotary_dim > head_dim:
+        raise ValueError(f"rope.rotary_dim = {rotary_dim} is larger than the model's head_dim = {head_dim}")
+    return getattr(rope, "layout", "half") == family["layout"] and (rotary_dim == head_dim or family["partial"])
+
+
+def _layer_ropes(model: nn.Module, rope: Any) -> dict[str, Any]:
+    """One rope per layer type of a per-layer-type model: the model's own (``from_hf_config(config,
+    layer_type=...)``) when ``rope`` is None, ``rope`` for every type when it is one rope, or a
+    mapping that must name every layer type of ``config.layer_types``."""
+    layer_types = list(dict.fromkeys(model.config.layer_types))
+    if rope is None:
+        from posemb.rotary import from_hf_config
+        return {name: from_hf_config(model.config, layer_type=name) for name in layer_types}
+    if isinstance(rope, Mapping):
+        if set(rope) != set(layer_types):
+            raise ValueError(f"rope given as a mapping must have one rope per layer type of {type(model).__name__}, "
+                             f"i.e. keys {sorted(layer_types)}; got {sorted(rope)}")
+        return {name: rope[name] for name in layer_types}
+    return {name: rope for name in layer_types}
+
+
 def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str = "auto") -> nn.Module:
-    """Replace the rotary embedding of a Llama-family ``transformers`` model by posemb's.
+    """Replace the rotary embedding of a ``transformers`` model by posemb's.
 
     Args:
-        model: a ``transformers`` Llama / Qwen2 / Mistral model (``XForCausalLM`` or the base
-            ``XModel``). It is changed in place.
+        model: a ``transformers`` model of a type in :data:`PATCHABLE_MODEL_TYPES` (Llama, Qwen2,
+            Mistral, Qwen3, Granite, OLMo 2, Phi-3, GPT-NeoX, StableLM, Cohere, GLM, GLM-4, Gemma 2,
+            Gemma 3 text, SmolLM3; ``XForCausalLM`` or the base model). It is changed in place.
         rope: a posemb rope (``posemb.rotary.RoPE``: ``cos_sin(positions)``, ``rotary_dim``,
-            ``layout``). Default: ``posemb.rotary.from_hf_config(model.config)``, which reproduces
-            the model's own ``rope_parameters`` (every ``rope_type``), so logits are unchanged.
-        mode: ``"auto"`` (``"cos_sin"`` for a half-split rope over the whole head, ``"hooks"``
-            otherwise), ``"cos_sin"`` or ``"hooks"``; see the module docstring.
+            ``layout``); for a per-layer-type model (Gemma 3) also a mapping ``layer_type -> rope``.
+            Default: ``posemb.rotary.from_hf_config(model.config)`` (per layer type where the model
+            has several), which reproduces the model's own ``rope_parameters`` (every
+            ``rope_type``), so logits are unchanged.
+        mode: ``"auto"`` (``"cos_sin"`` when the model's own apply function can rotate with the
+            rope: same layout, and the whole head or, where the family rotates a slice, a leading
+            slice; ``"hooks"`` otherwise, Llama / Qwen2 / Mistral only), ``"cos_sin"`` or
+            ``"hooks"``; see the module docstring.
 
     Returns:
         The original rotary module (also kept as ``model...rotary_emb.original``); undo with
@@ -237,21 +288,18 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
     original = owner.rotary_emb
     if isinstance(original, PosembRotaryEmbedding):
         raise ValueError("model is already patched with posemb's rotary; call unpatch_rotary(model) first")
-    if rope is None:
+    layer_ropes = _layer_ropes(model, rope) if family.get("per_layer_type") else None
+    if layer_ropes is not None:
+        rope = next(iter(layer_ropes.values()))
+    elif rope is None:
         from posemb.rotary import from_hf_config
         rope = from_hf_config(model.config)
-    for attribute in ("cos_sin", "rotary_dim"):
-        if not hasattr(rope, attribute):
-            raise TypeError(f"rope must be a posemb rope with `{attribute}` (e.g. posemb.rotary.from_hf_config(...)), "
-                            f"got {type(rope).__name__}")
     head_dim = _config_head_dim(model.config)
-    rotary_dim = int(rope.rotary_dim)
-    if rotary_dim > head_dim:
-        raise ValueError(f"rope.rotary_dim = {rotary_dim} is larger than the model's head_dim = {head_dim}")
-    layout = getattr(rope, "layout", "half")
-    # cos/sin alone carry the rope when the model's apply function has the rope's pairing and
-    # rotates exactly rope.rotary_dim channels; otherwise only the q/k hooks can.
-    native = layout == family["layout"] and (rotary_dim == head_dim or family["partial"])
+    for each in (layer_ropes or {None: rope}).values():
+        native = _fits_natively(each, head_dim, family)
+        if not native:
+            break
+    layout, rotary_dim = getattr(each, "layout", "half"), int(each.rotary_dim)
     if mode == "auto":
         mode = "cos_sin" if native or not family["hooks"] else "hooks"
     if mode == "cos_sin" and not native:
@@ -265,7 +313,7 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
         raise ValueError(f"mode='hooks' is not supported on {type(model).__name__} (model_type={model_type!r}): "
                          f"only on {[name for name, f in _FAMILIES.items() if f['hooks']]}; use mode='cos_sin'")
 
-    module = PosembRotaryEmbedding(rope, head_dim, mode, family["cos_format"])
+    module = PosembRotaryEmbedding(rope, head_dim, mode, family["cos_format"], layer_ropes)
     device = next((buffer.device for buffer in original.buffers()), None)
     if device is not None:
         module.to(device)
@@ -297,7 +345,7 @@ def unpatch_rotary(model: nn.Module) -> nn.Module:
         handle.remove()
     module._hook_handles.clear()
     # The original is not a submodule (so it is not saved twice): follow any device move made meanwhile.
-    device = next((buffer.device for buffer in module.rope.buffers()), None)
+    device = next((buffer.device for buffer in module.buffers()), None)
     if device is not None:
         module.original.to(device)
     owner.rotary_emb = module.original

@@ -34,6 +34,9 @@ class Architecture:
         ``"rope_parameters_none"``: the layer type's ``rope_parameters`` entry is None;
         ``"sliding_only"``: only sliding-window layers rotate, Cohere2; ``"sliding_when_windowed"``: with a
         ``sliding_window`` only sliding layers rotate, without one all do, EXAONE 4).
+    mrope: for M-RoPE text rotaries (positions (3, batch, seq)), ``(interleaved, default
+        mrope_section)``: whether the model interleaves the T/H/W pairs, and the section its rotary
+        uses when ``rope_parameters`` has no ``mrope_section``.
     """
 
     layout: str
@@ -41,6 +44,7 @@ class Architecture:
     interleave_default: bool = True
     layer_thetas: Mapping[str, tuple[str, float, bool]] = field(default_factory=dict)
     no_rope: str | None = None
+    mrope: tuple[bool, tuple[int, int, int]] | None = None
 
 
 def _group(model_types: str, architecture: Architecture) -> dict[str, Architecture]:
@@ -121,6 +125,16 @@ ARCHITECTURES: dict[str, Architecture] = {
              Architecture("interleaved", "<model>/modeling_<model>.py: q_rot, k_rot = "
                           "apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin) in the MLA attention")),
     # ... or when config.rope_interleave (default True) says so
+    # M-RoPE over the half-split pairing; Qwen3-VL interleaves T/H/W whatever the config says (its
+    # config lists mrope_interleaved in ignore_keys_at_rope_validation, the code never reads it)
+    **_group("qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text", Architecture(
+        "half", "qwen2_vl/modeling_qwen2_vl.py: Qwen2VLRotaryEmbedding.recomposition_frequencies, "
+        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
+        mrope=(False, (16, 24, 24)))),
+    **_group("qwen3_vl qwen3_vl_text qwen3_vl_moe qwen3_vl_moe_text", Architecture(
+        "half", "qwen3_vl/modeling_qwen3_vl.py: Qwen3VLTextRotaryEmbedding.recomposition_frequencies, "
+        "H at pairs 1::3, W at 2::3 of T, default mrope_section [24, 20, 20]; rotate_half",
+        mrope=(True, (24, 20, 20)))),
     **_group("deepseek_v3 glm4_moe_lite mistral4 youtu axk1",
              Architecture("config", "<model>/modeling_<model>.py: `if self.config.rope_interleave: "
                           "apply_rotary_pos_emb_interleave` else apply_rotary_pos_emb")),
@@ -142,8 +156,8 @@ REFUSED: dict[str, str] = {
                                  "audio encoder's pairing is not verified"),
     **{name: _MROPE for name in """cosmos3_edge cosmos3_edge_text ernie4_5_vl_moe ernie4_5_vl_moe_text glm4v
         glm4v_text glm4v_moe glm4v_moe_text glm_image glm_image_text hunyuan_vl hunyuan_vl_text hy_v4_vl
-        hy_v4_vl_text qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker
-        qwen3_vl qwen3_vl_text qwen3_vl_moe qwen3_vl_moe_text qwen3_omni_moe qwen3_omni_moe_thinker
+        hy_v4_vl_text qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker
+        qwen3_omni_moe qwen3_omni_moe_thinker
         qwen3_omni_moe_text qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text paddleocr_vl
         paddleocr_vl_text minimax_m3_vl minimax_m3_vl_text video_llama_3 glm5_next glm5_next_text
         kimi_k25 lfm3_vl inkling2 inkling2_text exaone4_5 qwen4_exp qwen4_exp_text

@@ -60,6 +60,8 @@ ROPE_TYPE_ALIASES = {"su": "longrope"}
 _NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope")
 #: keys the schedule dict may carry besides the schedule's own parameters
 _META_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+#: M-RoPE keys; read only for the model types whose Architecture has ``mrope`` (others refuse them)
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 #: model types whose rotary reads an absolute ``rotary_dim`` (GPTJRotaryEmbedding, CodeGen); transformers
 #: ignores the key everywhere else, so posemb does too
 _ROTARY_DIM_MODEL_TYPES = ("gptj", "codegen")
@@ -282,7 +284,9 @@ def _check_refusals(reader: _Reader, model_type: str | None, rope: Mapping[str, 
     reason = architectures.refusal(model_type)
     if reason is not None:
         raise ValueError(f"model_type={model_type!r} is refused: {reason}")
-    if rope.get("mrope_section") is not None or reader.get("mrope_section") is not None:
+    arch = architectures.architecture(model_type)
+    mrope_model = arch is not None and arch.mrope is not None
+    if not mrope_model and (rope.get("mrope_section") is not None or reader.get("mrope_section") is not None):
         raise ValueError(f"config has mrope_section: refused, {architectures._MROPE}")
     if rope.get("llama_4_scaling_beta") is not None:
         raise ValueError("config rope llama_4_scaling_beta: refused, the model multiplies its queries by "
@@ -300,6 +304,9 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     ``RoPE(scaling=...)``; ``max_position_embeddings`` is ``None`` if the config has none. With
     ``strict=False`` keys the schedule does not use are dropped with a warning instead of raising.
     ``layout`` overrides the architecture's pairing. See the module docstring for the rules.
+    For an M-RoPE architecture (``Architecture.mrope``: Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the dict
+    also has ``"mrope_section"`` and ``"mrope_interleaved"``, and ``from_hf_config`` builds a
+    :class:`~posemb.schemes.mrope.MRoPE`.
     """
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be a bool, got {type(strict).__name__} ({strict!r})")
@@ -328,7 +335,8 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
         raise ValueError(f"config rope_theta must be > 1 (a positive RoPE base), got {base}")
 
     head_dim = _head_dim(reader)
-    scaling = {k: v for k, v in rope.items() if k not in _META_KEYS}
+    ignored = _META_KEYS + (_MROPE_KEYS if arch is not None and arch.mrope is not None else ())
+    scaling = {k: v for k, v in rope.items() if k not in ignored}
     if rope_type == "proportional":
         # p-RoPE's fraction selects which frequencies are non-zero; every channel of the head is "rotated"
         # (the zero-frequency pairs by the identity), as _compute_proportional_rope_parameters builds it.
@@ -367,7 +375,12 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
             del scaling[key]
 
     normalised = validate_rope_params(rope_type, rotary_dim, base, scaling, max_position_embeddings)
-    return {
+    mrope = {}
+    if arch is not None and arch.mrope is not None:
+        # the pairing of T/H/W is the model's (architectures.py), the section the config's when it has one
+        interleaved, default_section = arch.mrope
+        mrope = {"mrope_section": tuple(rope.get("mrope_section") or default_section), "mrope_interleaved": interleaved}
+    return {**mrope,
         "rope_type": rope_type,
         "base": base,
         "scaling": {k: v for k, v in normalised.items() if v is not None},
@@ -383,7 +396,9 @@ def from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool =
     """Build a ``posemb`` :class:`~posemb.schemes.rope.RoPE` from a Hugging Face config (object or dict).
 
     ``overrides`` replace constructor arguments (e.g. ``layout="half"`` for a checkpoint whose q/k
-    rows were already permuted to the rotate-half order).
+    rows were already permuted to the rotate-half order). M-RoPE architectures (see
+    :func:`rope_parameters_from_hf_config`) give an :class:`~posemb.schemes.mrope.MRoPE`, which
+    takes (3, batch, seq) positions and equals the 1-D RoPE on text positions.
     """
     from posemb.schemes.rope import RoPE  # imported here: the scheme module must not be needed to parse configs
 
@@ -394,6 +409,11 @@ def from_hf_config(config: Any, *, layer_type: str | None = None, strict: bool =
                                   partial_rotary_factor=p["partial_rotary_factor"])
     if p["max_position_embeddings"] is not None:
         kwargs["max_position_embeddings"] = p["max_position_embeddings"]
+    if "mrope_section" in p:
+        from posemb.schemes.mrope import MRoPE
+        kwargs.update(mrope_section=p["mrope_section"], mrope_interleaved=p["mrope_interleaved"])
+        kwargs.update(overrides)
+        return MRoPE(**kwargs)
     kwargs.update(overrides)
     return RoPE(**kwargs)
 
