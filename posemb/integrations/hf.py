@@ -110,8 +110,8 @@ def _rotary_owner(model: nn.Module) -> nn.Module:
     for owner in (model, getattr(model, "model", None), getattr(model, "base_model", None)):
         if isinstance(owner, nn.Module) and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
             return owner
-    raise TypeError(f"model must be a Llama-family transformers model with a `rotary_emb` module at "
-                    f"model.rotary_emb or model.model.rotary_emb (Llama, Qwen2, Mistral); "
+    raise TypeError(f"model must be a transformers model with a `rotary_emb` module at model.rotary_emb, "
+                    f"model.model.rotary_emb or model.base_model.rotary_emb (e.g. Llama, Qwen2, GPT-NeoX); "
                     f"{type(model).__name__} has none")
 
 
