@@ -33,7 +33,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_readme_commands_work_in_a_fresh_virtual_environment(tmp_path):
     """`make study` and `make test` set up a new .venv and run; the study is shrunk through
-    STUDY_ARGS (the default one takes ~15 minutes) and the tests through PYTEST_ARGS."""
+    STUDY_ARGS (the default one takes ~17 minutes) and the tests through PYTEST_ARGS."""
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)

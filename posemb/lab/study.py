@@ -48,7 +48,7 @@ from posemb.registry import available, scheme_class
 TASKS = ("lm", "passkey")
 EVAL_FACTORS = (1, 2, 4, 8, 16)
 
-#: ``quick`` fits the whole default study in 15 minutes on 2 CPU cores (docs/study.md says how it
+#: ``quick`` was sized for 15 minutes on 2 CPU cores; with 15 default schemes it takes about 17 (docs/study.md says how it
 #: was measured); ``full`` is a larger model trained longer, meant for a GPU.
 PROFILES: dict[str, dict] = {
     "quick": dict(model=ModelConfig(dim=128, depth=3, heads=4),
