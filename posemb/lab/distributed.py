@@ -107,3 +107,16 @@ def broadcast_from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def start_processes(device: str, *, threads: int | None, batch_size: int) -> tuple[str, DistInfo]:
+    """The start of every lab command: torch threads, the device (``auto`` resolved), the process
+    group under ``torchrun``, and the check that the global batch splits evenly over the ranks."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device)
+    info = init_distributed(device)
+    if batch_size % info.world_size:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of DDP "
+                         f"processes ({info.world_size})")
+    return device, info

@@ -35,7 +35,7 @@ import torch
 from posemb._validation import check_choice, check_int
 from posemb.lab import passkey
 from posemb.lab.data import evaluation_chunks, load_corpus
-from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, init_distributed, resolve_device
+from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, start_processes
 from posemb.lab.errors import LabError
 from posemb.lab.evaluate import ROPE_VARIANTS
 from posemb.lab.outdir import OutputDir
@@ -249,13 +249,7 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
     wall_start = time.perf_counter()
     hooks = hooks or StudyHooks()
     config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    info = init_distributed(device)
-    if config.train.batch_size % info.world_size:
-        raise ValueError(f"batch_size ({config.train.batch_size}) must be divisible by the number of DDP "
-                         f"processes ({info.world_size})")
+    device, info = start_processes(config.device, threads=config.threads, batch_size=config.train.batch_size)
     out_dir = _open_output(config)
     try:
         return _run_study(config, hooks, command, out_dir, device, wall_start)

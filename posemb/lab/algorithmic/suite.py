@@ -31,7 +31,7 @@ from posemb.lab.algorithmic import harness
 from posemb.lab.algorithmic.harness import PositionedLM, Spec, TrainingBatches, parse_spec
 from posemb.lab.algorithmic.tasks import VOCAB_SIZE, Task, get_task, task_names
 from posemb.lab.checkpoint import atomic_write_json, load_checkpoint, read_json
-from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, init_distributed, resolve_device
+from posemb.lab.distributed import barrier, broadcast_from_main, dist_info, start_processes
 from posemb.lab.errors import CorruptFileError, LabError
 from posemb.lab.evaluate import ROPE_VARIANTS
 from posemb.lab.outdir import OutputDir
@@ -240,13 +240,7 @@ def run_suite(config: SuiteConfig, hooks: SuiteHooks | None = None, *, command: 
     wall_start = time.perf_counter()
     hooks = hooks or SuiteHooks()
     config.validate()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    info = init_distributed(device)
-    if config.train.batch_size % info.world_size:
-        raise ValueError(f"batch_size ({config.train.batch_size}) must be divisible by the number of DDP "
-                         f"processes ({info.world_size})")
+    device, info = start_processes(config.device, threads=config.threads, batch_size=config.train.batch_size)
     environment = _environment(device)
     out_dir = OutputDir(config.out, identity=config.identity(), argument="--out") if info.is_main else None
     if out_dir is not None:
