@@ -7,6 +7,7 @@ model's code, so a wrong entry in ``posemb.rotary.architectures`` shows up as a 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -164,3 +165,94 @@ def _split_call(q, k, width, call):
         raise RuntimeError(f"rotary width {width} > head_dim {q.shape[-1]}")
     qr, kr = call(q[..., :width], k[..., :width])
     return torch.cat((qr, q[..., width:]), -1), torch.cat((kr, k[..., width:]), -1)
+
+
+# ---- rope_type variants ------------------------------------------------------------------------
+#: the variants the walk tries on every model besides its default config, with valid parameters
+#: (transformers' _validate_<type>_rope_parameters) for a config whose max_position_embeddings is
+#: VARIANT_MAX_POSITIONS and whose pretraining length is VARIANT_ORIGINAL (factor = their ratio, so
+#: YaRN's implicit-factor check holds)
+VARIANT_MAX_POSITIONS = 256
+VARIANT_ORIGINAL = 64
+VARIANT_FACTOR = VARIANT_MAX_POSITIONS / VARIANT_ORIGINAL
+ROPE_VARIANTS = ("default", "linear", "dynamic", "yarn", "yarn-mscale", "longrope", "llama3")
+#: keys of a layer's rope dict that are not schedule parameters and stay in every variant
+_KEPT_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+class VariantRejected(Exception):
+    """The model rejects a rope_type variant in its config validation or its rotary's init (the reason is the text)."""
+
+
+def variant_parameters(variant: str, pairs: int | None) -> dict:
+    """The schedule keys of ``variant`` (``pairs``: rotary_dim / 2 of the layer, for LongRoPE's factor lists)."""
+    original = {"original_max_position_embeddings": VARIANT_ORIGINAL}
+    if variant == "default":
+        return {"rope_type": "default"}
+    if variant in ("linear", "dynamic"):
+        return {"rope_type": variant, "factor": VARIANT_FACTOR}
+    if variant == "yarn":
+        return {"rope_type": "yarn", "factor": VARIANT_FACTOR, "beta_fast": 32.0, "beta_slow": 1.0, **original}
+    if variant == "yarn-mscale":  # DeepSeek's spelling: cos/sin carry mscale / mscale_all_dim, MLA the mscale_all_dim^2
+        return {"rope_type": "yarn", "factor": VARIANT_FACTOR, "mscale": 0.707, "mscale_all_dim": 1.0, **original}
+    if variant == "llama3":
+        return {"rope_type": "llama3", "factor": VARIANT_FACTOR, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                **original}
+    if variant == "longrope":
+        if pairs is None:
+            raise VariantRejected("longrope: the rotary width is unknown (no inv_freq), its factor lists cannot be sized")
+        return {"rope_type": "longrope", "factor": VARIANT_FACTOR, **original,
+                "short_factor": [1.0 + 0.05 * j for j in range(pairs)],
+                "long_factor": [1.0 + 0.5 * j for j in range(pairs)]}
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def rope_variant(config, cls, variant: str, pairs: dict) -> tuple[dict, object]:
+    """``(config.json-style dict, config object built from it by the config class)`` of ``config`` with every
+    rope dict (flat, or each layer type's) replaced by ``variant``; raises :class:`VariantRejected` when the
+    config class or the model's rotary refuses it. ``pairs``: layer type (or None) -> rotary_dim / 2."""
+    raw = config.to_dict()
+    params = raw.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        raise VariantRejected("the config has no rope_parameters to vary")
+    ignore = set(getattr(config, "ignore_keys_at_rope_validation", None) or ())
+    kept = set(_KEPT_KEYS) | ignore  # model-specific keys (e.g. mrope_section) stay
+
+    def vary(layer: dict, layer_type) -> dict:
+        return {**{k: v for k, v in layer.items() if k in kept}, **variant_parameters(variant, pairs.get(layer_type))}
+
+    nested = all(v is None or isinstance(v, dict) for v in params.values())
+    raw["rope_parameters"] = ({k: (None if v is None else vary(v, k)) for k, v in params.items()} if nested
+                              else vary(params, None))
+    if "max_position_embeddings" in raw:
+        raw["max_position_embeddings"] = VARIANT_MAX_POSITIONS
+    if raw.get("original_max_position_embeddings") is not None:  # Phi-3 keeps it at the top level (it wins in HF)
+        raw["original_max_position_embeddings"] = VARIANT_ORIGINAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            built = type(config).from_dict(copy.deepcopy(raw))
+        except Exception as error:  # noqa: BLE001 -- any refusal of the config class is the model's answer
+            raise VariantRejected(f"config validation: {_first_line(error)}") from None
+        try:
+            cls(built)
+        except Exception as error:  # noqa: BLE001
+            raise VariantRejected(f"rotary init: {_first_line(error)}") from None
+    return raw, built
+
+
+def rotary_pairs(cls, config, layer_type) -> int | None:
+    """rotary_dim / 2 of the model's rotary for ``layer_type`` (its inv_freq length), or None."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            rotary = cls(config)
+        except Exception:  # noqa: BLE001
+            return None
+    inv_freq = getattr(rotary, "inv_freq" if layer_type is None else f"{layer_type}_inv_freq", None)
+    return None if inv_freq is None else int(inv_freq.shape[-1])

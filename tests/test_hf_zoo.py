@@ -45,10 +45,19 @@ RULE_REFUSALS = {
 # layout, width, sign or base moves the scores by 10-100 %.
 SCORE_RTOL = 1e-4
 COUNTS: collections.Counter = collections.Counter()
+#: (config label, outcome) -> cases; (variant, the model's reason) -> variants the model rejects
+VARIANTS: collections.Counter = collections.Counter()
+SKIPPED: collections.Counter = collections.Counter()
 
 
-def _positions(batch: int, length: int) -> torch.Tensor:
-    return torch.arange(length)[None].expand(batch, length) + torch.tensor([[0], [1000]])[:batch]
+#: (batch, seq) positions of the two checks: "short" inside the variants' pretraining length (64), "long"
+#: past max_position_embeddings (256) so dynamic NTK rescales and LongRoPE switches to its long factors.
+#: Both rows of "long" share their maximum: transformers picks the frequencies for the whole batch from
+#: max(position_ids), posemb per row, and the two agree whenever the rows' maxima do.
+POSITION_SETS = {
+    "short": torch.tensor([[0, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]]),
+    "long": torch.tensor([[1000, 1001, 1002, 1003, 1004, 1005], [0, 3, 100, 500, 1004, 1005]]),
+}
 
 
 def _refusal_reason(model_type: str, error: Exception) -> str | None:
@@ -60,7 +69,22 @@ def _refusal_reason(model_type: str, error: Exception) -> str | None:
     return None
 
 
-def _check_case(model_type: str, cls, config, layer_type) -> str:
+def _scores_error(q_ours, k_ours, q_model, k_model) -> float:
+    ours = q_ours @ k_ours.transpose(-1, -2)
+    theirs = q_model.double() @ k_model.double().transpose(-1, -2)
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+def _expected_frequencies(rope, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """posemb's float64 inv_freq and attention scale for a batch whose context is max(positions) + 1."""
+    if getattr(rope, "context_dependent", False):
+        return rope.inv_freq_for(int(positions.max()) + 1)
+    return rope.inv_freq64, rope.attention_scale
+
+
+def _check_case(model_type: str, cls, config, layer_type, raw: dict, label: str) -> str:
+    """One config (default or a rope_type variant) and one layer type: "agree", or "refused: <reason>"."""
+    where = f"{model_type}[{label}, {layer_type}]"
     kwargs = {} if layer_type is None else {"layer_type": layer_type}
     try:
         with warnings.catch_warnings():
@@ -68,61 +92,75 @@ def _check_case(model_type: str, cls, config, layer_type) -> str:
             rope = from_hf_config(config, **kwargs)
     except (ValueError, TypeError) as error:
         reason = _refusal_reason(model_type, error)
-        assert reason is not None, f"{model_type}[{layer_type}]: refused without a documented reason: {error}"
+        assert reason is not None, f"{where}: refused without a documented reason: {error}"
         return "refused: " + reason
     except UserWarning as warning:
-        raise AssertionError(f"{model_type}[{layer_type}]: posemb assumed something: {warning}") from None
+        raise AssertionError(f"{where}: posemb assumed something: {warning}") from None
     assert architectures.refusal(model_type) is None, f"{model_type} is on the refusal list but was accepted"
 
-    batch, heads, length = 2, 2, 6
+    batch, heads = 2, 2
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(batch, heads, length, rope.head_dim, generator=generator, dtype=torch.float64)
-    k = torch.randn(batch, heads, length, rope.head_dim, generator=generator, dtype=torch.float64)
-    positions = _positions(batch, length)
+    q = torch.randn(batch, heads, 6, rope.head_dim, generator=generator, dtype=torch.float64)
+    k = torch.randn(batch, heads, 6, rope.head_dim, generator=generator, dtype=torch.float64)
     try:
         cls(config)
     except (KeyError, AttributeError, TypeError, ValueError):
         return "transformers' own rotary class fails on its default config (unverifiable, posemb's result unchecked)"
-    q_model, k_model, inv_freq, scaling, _ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions)
+    m_rope = getattr(rope, "position_axes", 1) == 3
+    for name, positions in POSITION_SETS.items():
+        q_model, k_model, inv_freq, scaling, _ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions)
+        expected_inv_freq, expected_scale = _expected_frequencies(rope, positions)
+        if inv_freq is not None:  # read after the forward: a dynamic rotary has rescaled it by now
+            assert inv_freq.shape == (rope.rotary_dim // 2,), f"{where}: inv_freq shape"
+            assert torch.allclose(expected_inv_freq, inv_freq.double(), rtol=2e-6, atol=0), f"{where} {name}: inv_freq"
+        if scaling is not None:
+            assert math.isclose(expected_scale, float(scaling), rel_tol=1e-6), f"{where} {name}: attention scale"
+        cos, sin = rope.cos_sin(positions, dtype=torch.float64)
+        angles = positions[..., None].double() * expected_inv_freq
+        assert torch.allclose(cos, angles.cos() * expected_scale, atol=1e-12), f"{where} {name}: cos"
+        assert torch.allclose(sin, angles.sin() * expected_scale, atol=1e-12), f"{where} {name}: sin"
+        # text tokens of an M-RoPE model have t = h = w
+        text_positions = positions.expand(3, -1, -1) if m_rope else positions
+        q_ours, k_ours = rope.rotate(q, k, text_positions, text_positions)
+        error = _scores_error(q_ours, k_ours, q_model, k_model)
+        assert error < SCORE_RTOL, f"{where} {name}: q·k differs from the model's by {error:.2e} (layout {rope.layout})"
 
-    if inv_freq is not None:
-        assert inv_freq.shape == (rope.rotary_dim // 2,), f"{model_type}[{layer_type}]: inv_freq shape"
-        assert torch.allclose(rope.inv_freq64, inv_freq.double(), rtol=2e-6, atol=0), f"{model_type}: inv_freq"
-    if scaling is not None:
-        assert math.isclose(rope.attention_scale, float(scaling), rel_tol=1e-6), f"{model_type}: attention scale"
-    cos, sin = rope.cos_sin(positions, dtype=torch.float64)
-    angles = positions[..., None].double() * rope.inv_freq64
-    assert torch.allclose(cos, angles.cos() * rope.attention_scale, atol=1e-12)
-    assert torch.allclose(sin, angles.sin() * rope.attention_scale, atol=1e-12)
-
-    # text tokens of an M-RoPE model have t = h = w
-    text_positions = positions.expand(3, -1, -1) if getattr(rope, "position_axes", 1) == 3 else positions
-    q_ours, k_ours = rope.rotate(q, k, text_positions, text_positions)
-    ours = q_ours @ k_ours.transpose(-1, -2)
-    theirs = q_model.double() @ k_model.double().transpose(-1, -2)
-    error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    assert error < SCORE_RTOL, f"{model_type}[{layer_type}]: q·k differs from the model's by {error:.2e} (layout {rope.layout})"
-
-    if getattr(rope, "position_axes", 1) == 3:  # M-RoPE: distinct (temporal, height, width) per token too
-        grid = _positions(batch, length)
-        positions3 = torch.stack((grid, grid // 2 + 3, grid % 3 + 7 * grid // 4))
-        q_model, k_model, *_ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions3)
-        q_ours, k_ours = rope.rotate(q, k, positions3, positions3)
-        ours = q_ours @ k_ours.transpose(-1, -2)
-        theirs = q_model.double() @ k_model.double().transpose(-1, -2)
-        error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-        assert error < SCORE_RTOL, f"{model_type}[{layer_type}]: M-RoPE q·k on (3, B, L) positions differs by {error:.2e}"
+    if m_rope:  # M-RoPE: distinct (temporal, height, width) per token too (monotone maps keep the rows' maxima equal)
+        for name, grid in POSITION_SETS.items():
+            positions3 = torch.stack((grid, grid // 2 + 3, grid % 3 + 7 * grid // 4))
+            q_model, k_model, *_ = zoo.model_rotation(model_type, cls, config, layer_type, q, k, positions3)
+            q_ours, k_ours = rope.rotate(q, k, positions3, positions3)
+            error = _scores_error(q_ours, k_ours, q_model, k_model)
+            assert error < SCORE_RTOL, f"{where} {name}: M-RoPE q·k on (3, B, L) positions differs by {error:.2e}"
         COUNTS["M-RoPE (3, B, L) positions agree"] += 1
 
-    # the same config as a raw dict
-    raw = from_hf_config(config.to_dict(), **kwargs)
-    assert (raw.head_dim, raw.rotary_dim, raw.layout, raw.rope_type) == (rope.head_dim, rope.rotary_dim, rope.layout,
-                                                                         rope.rope_type), f"{model_type}: dict form"
-    assert torch.equal(raw.inv_freq64, rope.inv_freq64) and raw.attention_scale == rope.attention_scale
+    # the same config as a raw config.json-style dict
+    from_dict = from_hf_config(raw, **kwargs)
+    assert (from_dict.head_dim, from_dict.rotary_dim, from_dict.layout, from_dict.rope_type) == (
+        rope.head_dim, rope.rotary_dim, rope.layout, rope.rope_type), f"{where}: dict form"
+    assert type(from_dict) is type(rope), f"{where}: dict form gives {type(from_dict).__name__}"
+    assert torch.equal(from_dict.inv_freq64, rope.inv_freq64) and from_dict.attention_scale == rope.attention_scale
+    assert from_dict.scaling == rope.scaling, f"{where}: dict form schedule {from_dict.scaling} != {rope.scaling}"
     return "agree"
 
 
 MODEL_TYPES = zoo.rotary_model_types()
+
+
+def _walk(model_type: str, cls, config, raw: dict, label: str) -> None:
+    for layer_type in zoo.layer_types_of(cls, config):
+        outcome = _check_case(model_type, cls, config, layer_type, raw, label)
+        COUNTS[outcome] += 1
+        VARIANTS[(label, outcome)] += 1
+
+
+def _variant_pairs(model_type: str, cls, config) -> dict:
+    """rotary_dim / 2 per layer type, as the model computes it for a non-proportional type (LongRoPE's list length)."""
+    try:
+        _, linear = zoo.rope_variant(config, cls, "linear", {})
+    except zoo.VariantRejected:
+        linear = config
+    return {layer_type: zoo.rotary_pairs(cls, linear, layer_type) for layer_type in zoo.layer_types_of(cls, linear)}
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -134,8 +172,18 @@ def test_zoo(model_type):
     if cls is None:
         COUNTS["no text rotary (vision/audio/2-D forward)"] += 1
         return
-    for layer_type in zoo.layer_types_of(cls, built_from):
-        COUNTS[_check_case(model_type, cls, built_from, layer_type)] += 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = built_from.to_dict()
+    _walk(model_type, cls, built_from, raw, "default config")
+    pairs = _variant_pairs(model_type, cls, built_from)
+    for variant in zoo.ROPE_VARIANTS:
+        try:
+            raw, variant_config = zoo.rope_variant(built_from, cls, variant, pairs)
+        except zoo.VariantRejected as rejected:  # the model's own answer, not agreement
+            SKIPPED[(variant, str(rejected))] += 1
+            continue
+        _walk(model_type, cls, variant_config, raw, variant)
 
 
 def test_zoo_counts(capsys):
@@ -143,7 +191,20 @@ def test_zoo_counts(capsys):
     if not COUNTS:
         pytest.skip("run together with test_zoo")
     with capsys.disabled():
-        print("\nposemb vs transformers", transformers.__version__, "zoo:", len(MODEL_TYPES), "model types")
+        print("\nposemb vs transformers", transformers.__version__, "zoo:", len(MODEL_TYPES), "model types; cases "
+              "(config x layer type):")
         for key, value in sorted(COUNTS.items(), key=lambda item: -item[1]):
             print(f"  {value:4d}  {key}")
+        print("  by config (agree / refused / unverifiable):")
+        for label in ("default config",) + zoo.ROPE_VARIANTS:
+            rows = {outcome: n for (name, outcome), n in VARIANTS.items() if name == label}
+            refused = sum(n for outcome, n in rows.items() if outcome.startswith("refused"))
+            print(f"    {label:15s} {rows.get('agree', 0):4d} / {refused:4d} / "
+                  f"{sum(rows.values()) - rows.get('agree', 0) - refused:4d}")
+        print("  rope_type variants the model itself rejects (skipped, not agreement):")
+        for (variant, reason), value in sorted(SKIPPED.items(), key=lambda item: -item[1]):
+            print(f"  {value:4d}  {variant}: {reason}")
     assert COUNTS["agree"] > 150
+    # every variant was tried on the models that accept it: most agree
+    for variant in zoo.ROPE_VARIANTS:
+        assert VARIANTS[(variant, "agree")] > 150, f"only {VARIANTS[(variant, 'agree')]} agreeing {variant} cases"

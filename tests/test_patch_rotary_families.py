@@ -43,8 +43,33 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}}), 16),
+    # only the sliding layer rotates; the full layer is NoPE (Cohere2Attention)
+    "cohere2": ("Cohere2", dict(head_dim=16, logit_scale=1.0, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"]), 16),
+    # with a sliding_window only sliding layers rotate (Exaone4Attention)
+    "exaone4": ("Exaone4", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"]), 16),
+    "olmo3": ("Olmo3", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                             "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                "rope_theta": 1000.0}}), 16),
+    # gpt-oss's own schedule: YaRN without truncation (GptOssConfig), scaled down to the tiny lengths
+    "gpt_oss": ("GptOss", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+                               layer_types=["sliding_attention", "full_attention"],
+                               rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": False,
+                                                "original_max_position_embeddings": 16, "rope_theta": 150000.0}), 16),
+    # iRoPE: layer 1 is NoPE with attention temperature tuning (floor_scale 4 so it varies within 40 tokens)
+    "llama4_text": ("Llama4Text", dict(head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                       intermediate_size_mlp=128, no_rope_layers=[1, 0],
+                                       layer_types=["chunked_attention", "full_attention"], attention_chunk_size=16,
+                                       attn_temperature_tuning=True, floor_scale=4, attn_scale=0.5), 16),
+    # MLA: an 8-channel rope sub-head next to 8 content channels, interleaved pairs (rope_interleave=True)
+    "deepseek_v3": ("DeepseekV3", dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                       qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                       n_group=1, topk_group=1, moe_intermediate_size=32,
+                                       first_k_dense_replace=1), 8),
 }
-_MODEL_CLASS = {"gemma3_text": "Gemma3"}  # Gemma3ForCausalLM takes a Gemma3TextConfig
+_MODEL_CLASS = {"gemma3_text": "Gemma3", "llama4_text": "Llama4"}  # XForCausalLM takes the text config
 
 
 def _model(family: str, seed: int = 0):
@@ -80,7 +105,7 @@ def test_patch_keeps_logits_and_greedy_decoding(family):
         reference_tokens = model.generate(prompt, cache=transformers.DynamicCache(config=model.config),
                                           **settings)
     original = patch_rotary(model)
-    module = model.base_model.rotary_emb
+    module = hf._rotary_owner(model).rotary_emb
     assert is_patched(model) and isinstance(module, PosembRotaryEmbedding) and module.mode == "cos_sin"
     assert module.rope.rotary_dim == FAMILIES[family][2]
     assert (logit_diff := (_logits(model, tokens) - reference).abs().max().item()) <= TOL, logit_diff
@@ -88,7 +113,7 @@ def test_patch_keeps_logits_and_greedy_decoding(family):
         ours = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
     assert ours.shape[1] == prompt.shape[1] + 20
     assert torch.equal(ours, reference_tokens)
-    assert unpatch_rotary(model).original is original and model.base_model.rotary_emb is original
+    assert unpatch_rotary(model).original is original and hf._rotary_owner(model).rotary_emb is original
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -96,7 +121,7 @@ def test_a_wrong_base_is_detected_on_every_family(family):
     model = _model(family)
     tokens = _tokens(40)
     reference = _logits(model, tokens)
-    if family == "gemma3_text":  # only the full layers' base is wrong: the sliding one still matches
+    if hf._FAMILIES[family].get("per_layer_type"):  # only the full layers' base is wrong (1050 for 1000)
         patch_rotary(model, {"sliding_attention": from_hf_config(model.config, layer_type="sliding_attention"),
                              "full_attention": from_hf_config(model.config, layer_type="full_attention",
                                                               base=1050.0)})
@@ -126,9 +151,9 @@ def test_per_layer_type_rotary_uses_each_layer_types_own_rope():
     """Gemma 3: the patched module returns HF's (cos, sin) for each layer type, and a mapping that
     misses a layer type is refused."""
     model = _model("gemma3_text")
-    hf_rotary = model.base_model.rotary_emb
+    hf_rotary = hf._rotary_owner(model).rotary_emb
     patch_rotary(model)
-    ours = model.base_model.rotary_emb
+    ours = hf._rotary_owner(model).rotary_emb
     x, positions = torch.zeros(1, 40, 64), torch.arange(40).unsqueeze(0)
     with torch.no_grad():
         pairs = {name: (hf_rotary(x, positions, name), ours(x, positions, name))

@@ -147,6 +147,21 @@ class DistanceTable:
         first = self._high - high
         return self._table[..., first:first + high - low + 1, :]
 
+    def keep_leaf(self, low: int, high: int) -> tuple[Tensor, Tensor]:
+        """Embed distances ``high .. low`` once (under the caller's grad mode) and keep, in place of
+        the result, a detached copy that requires grad: every later :meth:`rows` inside the range is
+        a slice of it. A recomputing backward (``posemb.model.content_autograd``) thus collects the
+        table's gradient block by block and backpropagates it through ``build`` once, instead of
+        embedding (and differentiating) a range per block. Returns ``(built, leaf)``."""
+        if high < low:
+            raise ValueError(f"high must be >= low, got low={low}, high={high}")
+        self._table = None
+        built = self._embed(low, high)
+        leaf = built.detach().requires_grad_(built.requires_grad)
+        self._table, self._low, self._high = leaf, low, high
+        self.builds += 1
+        return built, leaf
+
     def _embed(self, low: int, high: int) -> Tensor:
         distances = torch.arange(high, low - 1, -1, device=self._device)
         head = self._build(distances[:self._chunk])

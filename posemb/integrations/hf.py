@@ -53,29 +53,57 @@ from posemb._validation import check_choice, check_even, check_int, check_tensor
 
 LAYOUTS = ("half", "interleaved")
 PATCH_MODES = ("auto", "cos_sin", "hooks")
+COS_FORMATS = ("cat", "repeat_interleave", "pairs", "complex")
 #: what each patchable family's rotary module returns and its attention accepts (transformers 5.24
 #: ``models/<model>/modeling_<model>.py``, ``<Model>RotaryEmbedding.forward`` / ``apply_rotary_pos_emb``):
-#: ``cos_format``: ``"cat"`` (``cat(freqs, freqs)``) or ``"repeat_interleave"`` (Cohere's
-#: ``repeat_interleave(freqs, 2)``); ``layout``: the channel pairing of its apply function;
+#: ``cos_format``: ``"cat"`` (``cat(freqs, freqs)``), ``"repeat_interleave"`` (Cohere's
+#: ``repeat_interleave(freqs, 2)``), ``"pairs"`` (one entry per pair, ``freqs`` itself: gpt-oss) or
+#: ``"complex"`` (``torch.polar(1, freqs) * attention_scaling``, one complex number per pair: Llama 4);
+#: ``layout``: the channel pairing of its apply function (``"config"``: ``config.rope_interleave`` decides);
 #: ``partial``: its apply function rotates only ``cos.shape[-1]`` leading channels (``q[..., :rotary_dim]``),
 #: so a partial rotary goes through cos/sin; ``hooks``: rotating the raw ``q_proj`` / ``k_proj`` outputs is
 #: the same as rotating the heads (no q/k norm between projection and rotation, as in Qwen3 / OLMo 2 /
-#: Cohere), so mode ``"hooks"`` is exact.
+#: Cohere), so mode ``"hooks"`` is exact; ``per_layer_type``: the model calls its one rotary module with
+#: the layer type; ``keep_float32``: the module returns float32 cos/sin whatever the activations' dtype;
+#: ``mrope``: positions are (3, batch, seq) temporal/height/width (M-RoPE).
+#: NoPE layers (SmolLM3, Llama 4, Cohere2, EXAONE 4) need nothing here: those layers receive the shared
+#: (cos, sin) and skip the rotation themselves, so the patched module is called exactly as the original.
 _FAMILIES: dict[str, dict[str, Any]] = {
     **{name: dict(cos_format="cat", layout="half", partial=False, hooks=True)
        for name in ("llama", "qwen2", "mistral")},
-    # half-split over the whole head; SmolLM3's NoPE layers skip the rotation themselves (use_rope)
+    # half-split over the whole head; SmolLM3's NoPE layers skip the rotation themselves (use_rope);
+    # EXAONE 4 rotates only sliding layers when sliding_window is set (Exaone4Attention.forward:
+    # `if self.sliding_window is None or self.is_sliding: apply_rotary_pos_emb`), after its q/k norm
     **{name: dict(cos_format="cat", layout="half", partial=False, hooks=False)
-       for name in ("qwen3", "granite", "olmo2", "smollm3", "gemma2")},
+       for name in ("qwen3", "granite", "olmo2", "smollm3", "gemma2", "exaone4")},
     # half-split over the leading cos.shape[-1] channels (partial rotary, Phi-3 LongRoPE)
     **{name: dict(cos_format="cat", layout="half", partial=True, hooks=False)
        for name in ("phi3", "gpt_neox", "stablelm")},
     # GLM: apply_rotary_pos_emb takes cos[..., :r/2].repeat_interleave(2) over (2i, 2i+1), partial
     **{name: dict(cos_format="cat", layout="interleaved", partial=True, hooks=False) for name in ("glm", "glm4")},
     "cohere": dict(cos_format="repeat_interleave", layout="interleaved", partial=False, hooks=False),
+    # Cohere2RotaryEmbedding.forward: repeat_interleave(freqs, 2); rotate_half over x[..., ::2], x[..., 1::2];
+    # Cohere2Attention rotates only sliding layers (`if self.sliding_window is not None`), full layers are NoPE
+    "cohere2": dict(cos_format="repeat_interleave", layout="interleaved", partial=False, hooks=False),
     # one rotary module for all layers, called with the layer type (Gemma3RotaryEmbedding.forward(x,
     # position_ids, layer_type)): a local base for sliding layers, the scaled global one for full ones
     "gemma3_text": dict(cos_format="cat", layout="half", partial=False, hooks=False, per_layer_type=True),
+    # Olmo3RotaryEmbedding.forward(x, position_ids, layer_type): one inv_freq per layer type from
+    # rope_parameters[layer_type], cat(freqs, freqs), "returns cos/sin in fp32 without casting to x.dtype"
+    "olmo3": dict(cos_format="cat", layout="half", partial=False, hooks=False, per_layer_type=True,
+                  keep_float32=True),
+    # GptOssRotaryEmbedding.forward returns freqs.cos() (one entry per pair); _apply_rotary_emb chunks the
+    # head in two halves: (x1 cos - x2 sin, x2 cos + x1 sin), the half-split pairing over the whole head
+    "gpt_oss": dict(cos_format="pairs", layout="half", partial=False, hooks=False),
+    # Llama4TextRotaryEmbedding.forward: torch.polar(ones, freqs) * attention_scaling; apply_rotary_emb
+    # multiplies view_as_complex(x.reshape(..., -1, 2)), i.e. pairs (2i, 2i+1); NoPE layers (no_rope_layers[i]
+    # == 0) skip it and scale their queries by the attention temperature themselves (Llama4TextAttention)
+    "llama4_text": dict(cos_format="complex", layout="interleaved", partial=False, hooks=False),
+    # DeepseekV3RotaryEmbedding.forward: cat(freqs, freqs) over the rope sub-head (config.head_dim =
+    # qk_rope_head_dim); DeepseekV3Attention: `if self.config.rope_interleave: apply_rotary_pos_emb_interleave`
+    # (pairs (2i, 2i+1)) else apply_rotary_pos_emb (rotate_half); its softmax scale carries YaRN's mscale^2
+    # (yarn_apply_mscale), fixed at construction from the config, so a rope with another mscale is refused
+    "deepseek_v3": dict(cos_format="cat", layout="config", partial=False, hooks=False, mla=True),
 }
 #: model types whose patched forward is tested end to end (tests/test_integration_hf.py,
 #: tests/test_patch_rotary_families.py: logits within 1e-5 and identical greedy decoding); any other
@@ -152,15 +180,19 @@ class PosembRotaryEmbedding(nn.Module):
     """
 
     def __init__(self, rope: nn.Module, head_dim: int, mode: str = "cos_sin", cos_format: str = "cat",
-                 layer_ropes: Mapping[str, nn.Module] | None = None):
+                 layer_ropes: Mapping[str, nn.Module] | None = None, keep_float32: bool = False):
         super().__init__()
         check_int("head_dim", head_dim, minimum=2)
         check_choice("mode", mode, ("cos_sin", "hooks"))
-        check_choice("cos_format", cos_format, ("cat", "repeat_interleave"))
+        check_choice("cos_format", cos_format, COS_FORMATS)
+        if mode == "hooks" and cos_format != "cat":
+            raise ValueError(f"mode='hooks' returns an identity rotation in the 'cat' format; cos_format must be "
+                             f"'cat', got {cos_format!r}")
         self.rope = rope
         self.head_dim = head_dim
         self.mode = mode
         self.cos_format = cos_format
+        self.keep_float32 = bool(keep_float32)
         # Per-layer-type families (Gemma 3) pass the layer type to forward; `rope` is then one of these.
         self.layer_ropes = nn.ModuleDict(dict(layer_ropes)) if layer_ropes is not None else None
         self.interleaved = getattr(rope, "layout", "half") == "interleaved"
@@ -185,12 +217,20 @@ class PosembRotaryEmbedding(nn.Module):
             rope = self.layer_ropes[layer_type]
         cos, sin = rope.cos_sin(position_ids.to(x.device))  # float32 (B, L, rotary_dim/2), times scale
         if self.mode == "cos_sin":
+            # float32 kept where the model's own module does not cast (OLMo 3)
+            dtype = torch.float32 if self.keep_float32 else x.dtype
+            if self.cos_format == "complex":
+                # Llama 4: polar(1, freqs) * attention_scaling = (cos + i sin) * scale, one per pair (2i, 2i+1)
+                return torch.complex(cos, sin)
+            if self.cos_format == "pairs":
+                # gpt-oss: one (cos, sin) per pair; its apply splits the head in halves itself
+                return cos.to(dtype), sin.to(dtype)
             if self.cos_format == "repeat_interleave":
                 # Cohere's apply pairs 2i with 2i+1, so each frequency sits on two adjacent channels.
-                return (cos.repeat_interleave(2, dim=-1).to(x.dtype), sin.repeat_interleave(2, dim=-1).to(x.dtype))
+                return (cos.repeat_interleave(2, dim=-1).to(dtype), sin.repeat_interleave(2, dim=-1).to(dtype))
             # HF's rotate_half pairs channel i with i + r/2, hence the duplicated halves (GLM's apply
-            # reads only the first half and interleaves it itself).
-            return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((sin, sin), dim=-1).to(x.dtype)
+            # reads only the first half and interleaves it itself, as does DeepSeek-V3's interleave apply).
+            return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
         object.__setattr__(self, "_stash", (cos, sin))
         shape = (*position_ids.shape, self.head_dim)
         return (torch.ones(shape, dtype=x.dtype, device=x.device),
@@ -250,6 +290,34 @@ def _layer_ropes(model: nn.Module, rope: Any) -> dict[str, Any]:
     return {name: rope for name in layer_types}
 
 
+def _mla_softmax_factor(rope_type: str, scaling: Mapping[str, Any]) -> float:
+    """YaRN's ``mscale^2`` on the softmax scale of DeepSeek MLA: ``yarn_mscale(factor, mscale_all_dim)^2``
+    when the schedule is not ``default`` and sets ``mscale_all_dim``, else 1 (transformers
+    ``deepseek_v3/modeling_deepseek_v3.py``: ``yarn_apply_mscale``; posemb ``DecoupledRoPE``)."""
+    from posemb.functional.rope_schedules import yarn_mscale
+
+    mscale_all_dim = scaling.get("mscale_all_dim")
+    if rope_type == "default" or not mscale_all_dim:
+        return 1.0
+    return yarn_mscale(float(scaling["factor"]), float(mscale_all_dim)) ** 2
+
+
+def _check_mla_softmax_scale(model: nn.Module, rope: Any) -> None:
+    """DeepSeek-V3's attention fixed ``scaling = qk_head_dim**-0.5 * mscale^2`` from its config when it was
+    built; patching the rotary cannot change it, so a rope whose schedule implies another ``mscale^2``
+    would give a silently different model: refuse it."""
+    parameters = dict(model.config.rope_parameters or {})
+    model_factor = _mla_softmax_factor(parameters.get("rope_type", "default"), parameters)
+    ours = getattr(rope, "softmax_scale_factor", None)
+    if ours is None:
+        ours = _mla_softmax_factor(getattr(rope, "rope_type", "default"), dict(getattr(rope, "scaling", None) or {}))
+    if abs(float(ours) - model_factor) > 1e-12 * max(1.0, model_factor):
+        raise ValueError(f"rope implies an MLA softmax factor mscale^2 = {float(ours):.6g} but {type(model).__name__}'s "
+                         f"attention was built with {model_factor:.6g} (yarn_apply_mscale of its config's "
+                         "rope_parameters: factor, mscale_all_dim); patch_rotary replaces only the rotary, so build "
+                         "the model from a config with the new rope_parameters instead")
+
+
 def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str = "auto") -> nn.Module:
     """Replace the rotary embedding of a ``transformers`` model by posemb's.
 
@@ -284,6 +352,10 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
         raise TypeError(f"patch_rotary does not support {type(model).__name__} (model_type={model_type!r}): its "
                         f"patched forward is not verified; supported model types: {list(PATCHABLE_MODEL_TYPES)}. "
                         "posemb.rotary.from_hf_config / layer_rotaries still give its exact rotary.")
+    if family["layout"] == "config":
+        # the model branches on config.rope_interleave (DeepseekV3Attention.forward); the config class's
+        # default is True, so a config without the key is DeepSeek's interleaved pairing
+        family = {**family, "layout": "interleaved" if getattr(model.config, "rope_interleave", True) else "half"}
     owner = _rotary_owner(model)
     original = owner.rotary_emb
     if isinstance(original, PosembRotaryEmbedding):
@@ -300,6 +372,8 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
         if not native:
             break
     layout, rotary_dim = getattr(each, "layout", "half"), int(each.rotary_dim)
+    if family.get("mla"):
+        _check_mla_softmax_scale(model, each)
     if mode == "auto":
         mode = "cos_sin" if native or not family["hooks"] else "hooks"
     if mode == "cos_sin" and not native:
@@ -313,7 +387,8 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
         raise ValueError(f"mode='hooks' is not supported on {type(model).__name__} (model_type={model_type!r}): "
                          f"only on {[name for name, f in _FAMILIES.items() if f['hooks']]}; use mode='cos_sin'")
 
-    module = PosembRotaryEmbedding(rope, head_dim, mode, family["cos_format"], layer_ropes)
+    module = PosembRotaryEmbedding(rope, head_dim, mode, family["cos_format"], layer_ropes,
+                                   keep_float32=family.get("keep_float32", False))
     device = next((buffer.device for buffer in original.buffers()), None)
     if device is not None:
         module.to(device)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,9 @@ from posemb.lab import passkey
 from posemb.lab.data import windows
 from posemb.lab.distributed import dist_info
 from posemb.lab.progress import token_bar
-from posemb.lab.train import ModelConfig, build_model
+from posemb.lab.train import ModelConfig, RandomizedPositions, build_model
 from posemb.model import TransformerLM
+from posemb.registry import available, scheme_class, scheme_options
 from posemb.schemes.base import PositionalScheme
 from posemb.schemes.learned import PositionOutOfRange
 
@@ -30,13 +33,182 @@ BEYOND_N_MAX = "n/a (beyond N_max)"
 #: position buckets per doubling of the position in the loss-by-position curves
 BUCKETS_PER_OCTAVE = 4
 
-#: Inference-time variants of a trained scheme, evaluated on its weights without fine-tuning:
-#: trained scheme -> variant names. :func:`variant_model` builds each; its label in the report is
-#: :func:`variant_label`.
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "rope": ("linear", "ntk", "dynamic", "yarn", "llama3"),
+@dataclass(frozen=True)
+class Variant:
+    """A variant of a trained scheme: a row of the report named ``scheme+name``.
+
+    ``stage`` says what it changes. ``"evaluation"``: the scheme's trained weights rebuilt with
+    another inference-time schedule and scored without training of their own (``rope+yarn``;
+    :func:`variant_model`); the row reads "eval only" and shares the scheme's runs and seeds.
+    ``"training"``: the scheme trained differently, so the row is its own run with its own weights
+    (``rope+randomized``; :func:`row_model`, :func:`row_batches`), named in ``--schemes``.
+    ``schemes`` are the trained schemes it applies to (None: every scheme whose layers read positions).
+    """
+
+    name: str
+    stage: str
+    schemes: tuple[str, ...] | None
+    source: str
+
+    def applies_to(self, scheme: str) -> bool:
+        if self.schemes is not None:
+            return scheme in self.schemes
+        return any(scheme_class(name).site != "none" for name in set(_pattern_names(scheme)))
+
+
+VARIANT_STAGES = ("evaluation", "training")
+
+#: Every variant, by name. The evaluation-stage ones are evaluated on every run of their scheme
+#: (``--rope-variants`` chooses among them); a training-stage one is a row of its own in ``--schemes``.
+VARIANTS: dict[str, Variant] = {
+    "linear": Variant("linear", "evaluation", ("rope",), "position interpolation, Chen et al. 2023"),
+    "ntk": Variant("ntk", "evaluation", ("rope",), "NTK-aware base stretch, bloc97 2023"),
+    "dynamic": Variant("dynamic", "evaluation", ("rope",), "dynamic NTK, Hugging Face transformers"),
+    "yarn": Variant("yarn", "evaluation", ("rope",), "YaRN, Peng et al. 2023"),
+    "llama3": Variant("llama3", "evaluation", ("rope",), "Llama 3.1 frequency bands, Meta 2024"),
+    "randomized": Variant("randomized", "training", None,
+                          "randomized positions, Ruoss et al. 2023 (arXiv 2305.16843, section 3)"),
 }
-ROPE_VARIANTS = VARIANTS["rope"]
+ROPE_VARIANTS = tuple(v.name for v in VARIANTS.values() if v.stage == "evaluation" and v.applies_to("rope"))
+TRAINING_VARIANTS = tuple(v.name for v in VARIANTS.values() if v.stage == "training")
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    """A study row whose layers mix schemes: a per-layer pattern for
+    :class:`~posemb.model.TransformerLM` (:mod:`posemb.model.scheme_pattern`) built for a depth."""
+
+    name: str
+    family: str
+    pattern: Callable[[int], list[str]]
+    source: str
+
+
+def irope_pattern(depth: int, interval: int = 4) -> list[str]:
+    """Llama 4's iRoPE layer pattern: layer ``i`` (from 0) is NoPE when ``(i + 1) % interval == 0``,
+    RoPE otherwise (transformers ``models/llama4/configuration_llama4.py``: ``no_rope_layers[i] =
+    int((i + 1) % no_rope_layer_interval != 0)``, interval 4), so depth 8 gives
+    ``rope, rope, rope, nope, rope, rope, rope, nope``.
+
+    A model shallower than ``interval`` has no such layer and would be exactly RoPE; it gets its last
+    layer NoPE instead (one truncated group, closed by its NoPE layer as every group is): depth 3
+    gives ``rope, rope, nope``, a 2:1 ratio instead of 3:1. Depth 1 cannot mix and is refused.
+    """
+    check_int("depth", depth, minimum=1)
+    check_int("interval", interval, minimum=2)
+    if depth == 1:
+        raise ValueError("the irope row needs depth >= 2: a one-layer model cannot mix RoPE and NoPE layers")
+    pattern = ["nope" if (i + 1) % interval == 0 else "rope" for i in range(depth)]
+    if "nope" not in pattern:
+        pattern[-1] = "nope"
+    return pattern
+
+
+#: Study rows that are per-layer patterns rather than one registered scheme.
+HYBRIDS: dict[str, Hybrid] = {
+    "irope": Hybrid("irope", "rotary", irope_pattern,
+                    "Llama 4 iRoPE: three RoPE layers then one NoPE layer (no attention temperature tuning)"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one study row trains and how it is scored: a registered scheme or a :data:`HYBRIDS`
+    name (``base``), the training-stage variants it is trained with (``training``, e.g.
+    ``("randomized",)``), and at most one evaluation-stage variant (``evaluation``). Written
+    ``base[+training...][+evaluation]``: ``rope``, ``rope+randomized``, ``irope``, ``rope+yarn``."""
+
+    base: str
+    training: tuple[str, ...] = ()
+    evaluation: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "+".join((self.base, *self.training) + ((self.evaluation,) if self.evaluation else ()))
+
+    @property
+    def run_label(self) -> str:
+        """The label of the trained run this row is scored on (the row without its evaluation variant)."""
+        return "+".join((self.base, *self.training))
+
+    @property
+    def randomized(self) -> bool:
+        return "randomized" in self.training
+
+
+def _pattern_names(base: str) -> list[str]:
+    """The registered scheme names of a row base (a hybrid's at depth 8: enough to see every entry)."""
+    if base in HYBRIDS:
+        return HYBRIDS[base].pattern(8)
+    scheme_class(base)
+    return [base]
+
+
+def parse_row(text: str, *, allow_evaluation: bool = True) -> Row:
+    """``scheme``, ``hybrid``, ``scheme+randomized`` or ``rope+<inference-time scaling>``; anything
+    else raises ``ValueError`` saying what is allowed. ``allow_evaluation=False`` (``--schemes``)
+    refuses the evaluation-stage variants, which are chosen with ``--rope-variants`` instead."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"a scheme must be a non-empty string, got {text!r}")
+    base, *options = [part.strip() for part in text.strip().split("+")]
+    if base not in HYBRIDS:
+        try:
+            scheme_class(base)
+        except ValueError:
+            raise ValueError(f"unknown scheme {base!r} in {text!r}; available: registered schemes "
+                             f"({', '.join(available())}) and hybrids ({', '.join(HYBRIDS)})") from None
+    training: list[str] = []
+    evaluation = None
+    for option in options:
+        variant = VARIANTS.get(option)
+        if variant is None or option in training or evaluation is not None:
+            raise ValueError(f"scheme {text!r}: after the scheme name come training variants "
+                             f"({', '.join('+' + v for v in TRAINING_VARIANTS)}), then at most one inference-time "
+                             f"variant ({', '.join('+' + v for v in ROPE_VARIANTS)}, plain rope only); got '+{option}'")
+        if not variant.applies_to(base):
+            raise ValueError(f"scheme {text!r}: +{option} does not apply to {base!r}" +
+                             (" (its layers read no positions)" if variant.schemes is None else
+                              f" (only to {', '.join(variant.schemes)})"))
+        if variant.stage == "training":
+            training.append(option)
+        elif training:
+            raise ValueError(f"scheme {text!r}: +{option} rescales a plain {base} run; it is not defined on "
+                             f"{'+'.join([base, *training])}")
+        elif not allow_evaluation:
+            raise ValueError(f"scheme {text!r}: +{option} is an inference-time variant, evaluated on every {base} "
+                             f"run without training of its own; choose those with --rope-variants, not --schemes")
+        else:
+            evaluation = option
+    return Row(base, tuple(training), evaluation)
+
+
+def row_family(row: Row) -> str:
+    return HYBRIDS[row.base].family if row.base in HYBRIDS else scheme_class(row.base).family
+
+
+def row_scheme(row: Row, depth: int) -> str | list[str]:
+    """What ``TransformerLM(scheme=...)`` gets: the scheme name, or the hybrid's pattern at ``depth``."""
+    return HYBRIDS[row.base].pattern(depth) if row.base in HYBRIDS else row.base
+
+
+def row_model(row: Row, model_config: ModelConfig, train_length: int, position_range: int, *,
+              seed: int | None = None, **overrides) -> TransformerLM:
+    """The trained model of ``row`` (its evaluation variant, if any, is :func:`variant_model`'s job).
+
+    With randomized positions the learned table gets ``position_range`` rows (every position the
+    training draws), instead of ``L_train``."""
+    options = dict(overrides)
+    if row.randomized and any("max_positions" in scheme_options(n) for n in _pattern_names(row.base)):
+        options.setdefault("max_positions", position_range)
+    return build_model(row_scheme(row, model_config.depth), model_config, train_length, seed=seed, **options)
+
+
+def row_batches(row: Row, batches: Callable, position_range: int, seed: int) -> Callable:
+    """The training batches of ``row``: ``batches`` itself, or with randomized positions in
+    ``[0, position_range)`` (:class:`~posemb.lab.train.RandomizedPositions`)."""
+    if row.randomized:
+        return RandomizedPositions(batches, position_range, seed)
+    return batches
 
 
 def variant_label(scheme: str, variant: str | None) -> str:
@@ -45,12 +217,17 @@ def variant_label(scheme: str, variant: str | None) -> str:
 
 
 def evaluation_labels(scheme: str, variants: tuple[str, ...]) -> dict[str, dict]:
-    """``{label: {"base_scheme", "variant"}}`` of what a run of ``scheme`` is evaluated as: the
-    trained scheme itself, then each of ``variants`` that applies to it (:data:`VARIANTS`)."""
-    labels = {scheme: {"base_scheme": scheme, "variant": None}}
+    """``{label: {"base_scheme", "variant", "training"}}`` of what a run of the row ``scheme`` is
+    evaluated as: the trained row itself, then each evaluation-stage variant of ``variants`` that
+    applies to it (a plain registered scheme named in the variant's ``schemes``)."""
+    row = parse_row(scheme, allow_evaluation=False)
+    training = "+".join(row.training) or None
+    labels = {scheme: {"base_scheme": scheme, "variant": None, "training": training}}
     for variant in variants:
-        if variant in VARIANTS.get(scheme, ()):
-            labels[variant_label(scheme, variant)] = {"base_scheme": scheme, "variant": variant}
+        spec = VARIANTS.get(variant)
+        if spec is not None and spec.stage == "evaluation" and not row.training and row.base not in HYBRIDS \
+                and spec.applies_to(row.base):
+            labels[variant_label(scheme, variant)] = {"base_scheme": scheme, "variant": variant, "training": None}
     return labels
 
 
@@ -115,9 +292,13 @@ def variant_model(scheme: str, variant: str, state: dict, factor: float, model_c
                   train_length: int, device: str) -> TransformerLM:
     """The trained weights ``state`` of ``scheme`` in a model rebuilt with ``variant`` at
     ``factor = eval length / train length``."""
+    spec = VARIANTS.get(variant)
+    if spec is None or spec.stage != "evaluation" or not spec.applies_to(scheme):
+        raise ValueError(f"{variant!r} is not an inference-time variant of scheme {scheme!r}; those of rope: "
+                         f"{list(ROPE_VARIANTS)}")
     if scheme == "rope":
         return rope_variant_model(state, variant, factor, model_config, train_length, device)
-    raise ValueError(f"no inference-time variants are defined for scheme {scheme!r}; known: {sorted(VARIANTS)}")
+    raise ValueError(f"no inference-time variants are defined for scheme {scheme!r}")
 
 
 # ---- language-model loss by length --------------------------------------------------------------

@@ -113,6 +113,7 @@ def lm_markdown(rows: list[dict], meta: dict) -> str:
                     cells.append(_with_spread(row["rise"], row["rise_spread"], sign=True))
             final = final_class(rows, label, train_length)
             w(f"| `{label}` | " + " | ".join(cells) + f" | {final or '-'} |\n")
+    w(_rows_section(rows, meta))
     w("\n### Verdicts by family (computed from the numbers above)\n\n")
     verdicts = family_verdicts(rows, train_length)
     for family, text in verdicts.items():
@@ -132,6 +133,28 @@ def lm_markdown(rows: list[dict], meta: dict) -> str:
       "![loss by position at the longest length](loss_by_position.png)\n")
     w(_config_section(meta))
     return out.getvalue()
+
+
+def _rows_section(rows: list[dict], meta: dict) -> str:
+    """What the rows that are not one plainly trained scheme are (randomized positions, hybrids)."""
+    from posemb.lab.evaluate import HYBRIDS, parse_row, row_scheme
+
+    config = meta["config"]
+    longest = max(config["eval_lengths"])
+    lines = []
+    for label in dict.fromkeys(r["scheme"] for r in rows if r.get("variant") is None):
+        row = parse_row(label, allow_evaluation=False)
+        if row.randomized:
+            lines.append(f"- `{label}`: {row.base} trained with randomized positions (Ruoss et al. 2023): each training "
+                         f"row's positions are a sorted random subset of [0, {longest}) (N = the longest evaluation "
+                         f"length, so every evaluated position was drawn in training), redrawn every step; evaluated "
+                         f"at the ordinary positions 0 .. L-1, what a user's model sees (the paper's code draws random "
+                         f"positions at test time too; `posemb tasks` follows it).")
+        if row.base in HYBRIDS:
+            pattern = row_scheme(row, config["model"]["depth"])
+            lines.append(f"- `{label}`: {HYBRIDS[row.base].source}; at depth {config['model']['depth']} the layers are "
+                         f"{', '.join(pattern)}.")
+    return ("\nRows not trained as one plain scheme:\n\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def passkey_markdown(rows: list[dict], meta: dict) -> str:

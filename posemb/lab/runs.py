@@ -30,10 +30,10 @@ from posemb.lab.checkpoint import atomic_write_json, file_sha256, load_checkpoin
 from posemb.lab.data import RandomWindows
 from posemb.lab.distributed import barrier, broadcast_from_main, dist_info
 from posemb.lab.errors import CorruptFileError, LabError
-from posemb.lab.evaluate import evaluation_labels, lm_loss_at_length, passkey_at_length, variant_model
+from posemb.lab.evaluate import (evaluation_labels, lm_loss_at_length, parse_row, passkey_at_length, row_batches,
+                                 row_family, row_model, variant_model)
 from posemb.lab.progress import StudyLog
-from posemb.lab.train import build_model, train_model
-from posemb.registry import scheme_class
+from posemb.lab.train import train_model
 
 if TYPE_CHECKING:
     from posemb.lab.study import StudyConfig, StudyHooks
@@ -152,8 +152,12 @@ def run_one(config: "StudyConfig", scheme: str, seed: int, run_name: str, folder
     whether anything was computed."""
     info = dist_info()
     train_length = config.train.train_length
-    family = scheme_class(scheme).family
+    row = parse_row(scheme, allow_evaluation=False)
+    family = row_family(row)
+    position_range = position_range_of(config)
     identity = {"scheme": scheme, "seed": seed, **train_identity}
+    if row.randomized:
+        identity["position_range"] = position_range  # the training positions depend on it
     worked = False
     found, failure = None, None
     if info.is_main:
@@ -178,11 +182,12 @@ def run_one(config: "StudyConfig", scheme: str, seed: int, run_name: str, folder
             folder.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder.run_json, identity)
         barrier()
-        model = build_model(scheme, config.model, train_length, seed=seed)
+        model = row_model(row, config.model, train_length, position_range, seed=seed)
         if config.task == "lm":
             batches = RandomWindows(corpus.train, train_length, config.train.batch_size, seed)
         else:
             batches = passkey.PasskeyBatches(train_length, config.train.batch_size, seed)
+        batches = row_batches(row, batches, position_range, seed)
         start_step = int(load_checkpoint(folder.checkpoint)["step"]) if found["resume"] else 0
         log.write(f"{run_name}: training {config.train.steps} steps" +
                   (f", resuming from step {start_step}" if start_step else ""))
@@ -220,7 +225,8 @@ def _evaluate_run(config: "StudyConfig", scheme: str, seed: int, run_name: str, 
     if not missing:
         return entries, False
     state = load_checkpoint(folder.checkpoint, map_location="cpu", advice=folder.refuse_advice())["model"]
-    trained_model = build_model(scheme, config.model, train_length)
+    trained_model = row_model(parse_row(scheme, allow_evaluation=False), config.model, train_length,
+                              position_range_of(config))
     trained_model.load_state_dict(state)
     trained_model.to(device).eval()
     log.write(f"{run_name}: evaluating {len(missing)} (label, length) pair(s)")
@@ -257,6 +263,13 @@ def _evaluate_run(config: "StudyConfig", scheme: str, seed: int, run_name: str, 
         atomic_write_json(eval_path, entries)
     barrier()
     return entries, True
+
+
+def position_range_of(config: "StudyConfig") -> int:
+    """N of randomized positions: training positions lie in ``[0, N)``, N = the longest evaluation
+    length, so every position an evaluation window uses was drawn in training (Ruoss et al. 2023
+    take N above the longest test length; the algorithmic suite does the same)."""
+    return max(config.eval_lengths)
 
 
 def _evaluate(config: "StudyConfig", model, chunks, length: int, seed: int, device: str, desc: str, *,

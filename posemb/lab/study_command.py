@@ -96,7 +96,9 @@ def add_parser(subparsers) -> None:
                     "source (or --data), evaluate at the training length and 2x-16x it, and write report.md, "
                     "results.csv, results.json and plots. Rerun the same command to resume after an interruption.")
     parser.add_argument("--out", default="study-report", help="report directory (default ./study-report)")
-    parser.add_argument("--schemes", default=None, help="comma-separated schemes (default: every registered one but those in OPT_IN_SCHEMES, see docs/study.md)")
+    parser.add_argument("--schemes", default=None, help="comma-separated rows: registered schemes, hybrids (irope), SCHEME+randomized (trained with "
+                             "randomized positions); default: every registered scheme but those in OPT_IN_SCHEMES, "
+                             "see docs/study.md")
     parser.add_argument("--task", default="lm", choices=TASKS,
                         help="lm: next-byte loss by length (default); passkey: key retrieval by length and depth")
     parser.add_argument("--data", default=None, help="a text file or directory (default: the stdlib's .py files)")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from posemb._validation import check_float, check_int
+from posemb.functional.randomized import randomized_positions
 from posemb.lab.checkpoint import atomic_torch_save, load_checkpoint
 from posemb.lab.distributed import (barrier, dist_info, exit_process, init_distributed, resolve_device,
                                     shutdown_distributed)
@@ -105,11 +106,23 @@ class TrainConfig:
 
 # ---- models ------------------------------------------------------------------------------------
 
-def scheme_model_options(scheme: str, train_length: int) -> dict:
+def _scheme_names(scheme) -> list[str]:
+    """The registered names in ``scheme``: one name, or a per-layer pattern of names / (name, options)."""
+    if isinstance(scheme, str):
+        return [scheme]
+    if not isinstance(scheme, (list, tuple)) or not scheme:
+        raise TypeError(f"scheme must be a scheme name or a non-empty per-layer pattern, got {scheme!r}")
+    return [entry if isinstance(entry, str) else entry[0] for entry in scheme]
+
+
+def scheme_model_options(scheme, train_length: int) -> dict:
     """Options a scheme needs from the training set-up: the learned table gets N_max = the training
     length (it must not, and does not, clamp beyond it); RoPE records the training length as its
-    ``max_position_embeddings`` (what inference-time scaling is relative to)."""
-    allowed = scheme_options(scheme)
+    ``max_position_embeddings`` (what inference-time scaling is relative to). ``scheme`` may be a
+    per-layer pattern (:mod:`posemb.model.scheme_pattern`): an option goes to every entry taking it."""
+    allowed: dict = {}
+    for name in _scheme_names(scheme):
+        allowed.update(scheme_options(name))
     options = {}
     if "max_positions" in allowed:
         options["max_positions"] = train_length
@@ -118,16 +131,39 @@ def scheme_model_options(scheme: str, train_length: int) -> dict:
     return options
 
 
-def build_model(scheme: str, model: ModelConfig, train_length: int, *, seed: int | None = None,
+def build_model(scheme, model: ModelConfig, train_length: int, *, seed: int | None = None,
                 **overrides) -> TransformerLM:
-    """A :class:`TransformerLM` for ``scheme``; ``seed`` fixes its initial weights."""
-    scheme_class(scheme)  # a clear "unknown scheme" error first
+    """A :class:`TransformerLM` for ``scheme`` (a name or a per-layer pattern); ``seed`` fixes its
+    initial weights."""
+    for name in _scheme_names(scheme):
+        scheme_class(name)  # a clear "unknown scheme" error first
     options = scheme_model_options(scheme, train_length)
     options.update(overrides)
     if seed is not None:
         torch.manual_seed(seed)
     return TransformerLM(model.vocab_size, model.dim, model.depth, model.heads, scheme=scheme,
                          mlp_ratio=model.mlp_ratio, **options)
+
+
+class RandomizedPositions:
+    """Training batches with randomized positions (Ruoss et al. 2023, arXiv 2305.16843, section 3):
+    ``batches(step)``'s (inputs, targets) and, per row, a sorted random subset of ``[0, max_position)``
+    of the row's length (:func:`posemb.functional.randomized.randomized_positions`).
+
+    The positions of step ``s`` depend only on ``(seed, s)`` (their own generator, apart from the
+    batches'), so a resumed run sees the positions an uninterrupted one would, and every DDP rank
+    draws the same global batch of positions and keeps its own rows."""
+
+    def __init__(self, batches: Callable[[int], tuple[Tensor, Tensor]], max_position: int, seed: int) -> None:
+        self.batches = batches
+        self.max_position = check_int("max_position", max_position, minimum=1)
+        self.seed = check_int("seed", seed, minimum=0)
+
+    def __call__(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        inputs, targets = self.batches(step)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) ^ 0x5EED_0F_F5E7)
+        positions = randomized_positions(inputs.shape[0], inputs.shape[1], self.max_position, generator=generator)
+        return inputs, targets, positions
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -188,7 +224,9 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
                 on_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` in place for ``config.steps`` steps, resuming from ``checkpoint_path`` if it exists.
 
-    ``batches(step)`` returns the global (inputs, targets) batch of that step, each (batch, length).
+    ``batches(step)`` returns the global (inputs, targets) batch of that step, each (batch, length),
+    or (inputs, targets, positions) when the model is to see other positions than ``0..length-1``
+    (:class:`RandomizedPositions`).
     ``on_step(step)`` is called after each finished step (its checkpoint, if due, already written).
     A loss that is not finite stops training with :class:`TrainingDiverged` naming the run
     (``name``, default ``desc``) and the step, before that step changes the weights; the last
@@ -241,12 +279,13 @@ def train_model(model: TransformerLM, batches: Callable[[int], tuple[Tensor, Ten
                    initial=start_step * tokens_per_step) as bar:
         for step in range(start_step, config.steps):
             tick = time.perf_counter()
-            inputs, targets = batches(step)
-            inputs, targets = inputs[row_slice].to(device), targets[row_slice].to(device)
+            batch = batches(step)
+            inputs, targets = batch[0][row_slice].to(device), batch[1][row_slice].to(device)
+            positions = batch[2][row_slice].to(device) if len(batch) > 2 else None
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = trained(inputs)
+                logits = trained(inputs) if positions is None else trained(inputs, positions=positions)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
             value = float(loss.detach())
             if not math.isfinite(value):

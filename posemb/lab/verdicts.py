@@ -156,6 +156,21 @@ def separation_check(rows: list[dict], train_length: int) -> str:
         lines.append("Only one seed was run, so no spread is measured here: rerun with `--seeds 0,1` "
                      "(docs/study.md gives the spread measured for the default configuration).")
         return " ".join(lines)
+    seed_counts = sorted({r["seeds"] for r in seeded})
+    lines.append(f"Spread = max - min over the {', '.join(map(str, seed_counts))} seeds of each label; rows "
+                 "`rope+X` are evaluated on the rope runs' weights, so they share its seeds and are not "
+                 "independent of it." + (" With two seeds a spread is one difference of two draws: "
+                                         "separated pairs are likely real, unseparated ones are undecided, "
+                                         "not equal." if seed_counts == [2] else ""))
+    in_range = [r for r in rows if r["eval_length"] == train_length and r["loss_spread"] is not None
+                and r.get("variant") is None]
+    if len(in_range) >= 2:
+        spreads = sorted(r["loss_spread"] for r in in_range)
+        pairs = [(a, b) for i, a in enumerate(in_range) for b in in_range[i + 1:]]
+        apart = sum(1 for a, b in pairs if abs(a["loss"] - b["loss"]) > (a["loss_spread"] + b["loss_spread"]) / 2)
+        lines.append(f"In range (loss at L_train = {train_length}, trained rows only): largest spread "
+                     f"{spreads[-1]:.3f} ({max(in_range, key=lambda r: r['loss_spread'])['scheme']}), median "
+                     f"{_median(spreads):.3f}; {apart} of {len(pairs)} pairs separated.")
     lines.append("")
     lines.append("| length | labels with several seeds | largest spread of the rise | median spread | "
                  "pairs separated (seed ranges do not overlap) |")
@@ -168,7 +183,12 @@ def separation_check(rows: list[dict], train_length: int) -> str:
         pairs = [(a, b) for i, a in enumerate(here) for b in here[i + 1:]]
         apart = sum(1 for a, b in pairs if abs(a["rise"] - b["rise"]) > (a["rise_spread"] + b["rise_spread"]) / 2)
         lines.append(f"| {length} ({length // train_length}x) | {len(here)} | {spreads[-1]:.3f} "
-                     f"({max(here, key=lambda r: r['rise_spread'])['scheme']}) | {spreads[len(spreads) // 2]:.3f} | "
+                     f"({max(here, key=lambda r: r['rise_spread'])['scheme']}) | {_median(spreads):.3f} | "
                      f"{apart} of {len(pairs)} |")
     return "\n".join(lines)
 
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2

@@ -31,6 +31,17 @@ _CONTENT_TILE_FRACTION = 8
 _CONTENT_TILE_MIN_ELEMENTS = 1 << 16
 _CONTENT_TILE_MAX_ELEMENTS = 1 << 21
 _CONTENT_TILE_ASPECT = 8
+# With autograd: "recompute" runs posemb.model.content_autograd (a custom autograd Function that saves
+# q, k, v, the output and each row's log-sum-exp, and recomputes the tiles in the backward pass);
+# "autograd" keeps the older path, plain autograd through _content_rows (every block's probabilities
+# and the hooks' intermediates kept until the backward pass): the reference the tests and the
+# benchmark compare against.
+_CONTENT_PATH = "recompute"
+# Score elements (batch * heads * rows * keys) of one block of the recomputing path, forward of
+# whole-row schemes and backward of all: ~8 MiB in fp32, a handful of such tensors live at once.
+# Large enough that the Python work per block (a few hook calls, one torch.autograd.grad) is small
+# beside its arithmetic, small enough that the backward's peak stays near SDPA's.
+_CONTENT_RECOMPUTE_ELEMENTS = 1 << 21
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -110,6 +121,10 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     # One tile holds everything (decoding, short inputs): the plain softmax of the rows path is the
     # same memory with fewer operations.
     # CoPE-like schemes (``content_whole_rows``) need all of a query's keys in one call.
+    if needs_grad and _CONTENT_PATH == "recompute" and not torch.compiler.is_compiling():
+        from posemb.model.content_autograd import content_attention  # imports this module: lazily
+
+        return content_attention(q, k, v, scheme, q_positions, k_positions, causal=causal)
     if needs_grad or torch.compiler.is_compiling() or (rows >= q.shape[2] and keys >= k.shape[2]) \
             or getattr(scheme, "content_whole_rows", False):
         return _content_rows(q, k, v, scheme, q_positions, k_positions, causal, hook_options)
@@ -123,14 +138,17 @@ def _block_indices(scheme: PositionalScheme, rows: tuple[int, int], keys: tuple[
 
 def _content_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions: Tensor, k_positions: Tensor,
                     hook_options: dict, scale: float, causal: bool, rows: tuple[int, int], keys: tuple[int, int],
-                    offset: int, workspace: Tensor | None = None) -> Tensor:
+                    offset: int, workspace: Tensor | None = None,
+                    blocks: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Scaled, masked float logits of query rows ``rows`` against keys ``keys`` (absolute index ranges).
 
     Query row i may see key j when ``j <= i + offset`` (``offset = Lk - Lq``: queries are the last Lq keys).
     ``workspace`` (no autograd): flat memory the scores are written to, reused from tile to tile.
+    ``blocks``: the (q block, k block) to score instead of slices of ``q`` and ``k`` (the recomputing
+    backward passes leaves of its own, so that their gradients are block-sized).
     """
     (row_start, row_stop), (key_start, key_stop) = rows, keys
-    q_block, k_block = q[:, :, row_start:row_stop], k[:, :, key_start:key_stop]
+    q_block, k_block = blocks if blocks is not None else (q[:, :, row_start:row_stop], k[:, :, key_start:key_stop])
     if workspace is None:
         scores = q_block @ k_block.transpose(-1, -2)
     else:
@@ -154,25 +172,36 @@ def _content_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions:
 
 
 def _content_rows(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
-                  k_positions: Tensor, causal: bool, hook_options: dict) -> Tensor:
-    """Query blocks against all the keys they may see (autograd path): a plain softmax per block."""
+                  k_positions: Tensor, causal: bool, hook_options: dict, *, with_lse: bool = False,
+                  block_elements: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Query blocks against all the keys they may see (autograd path): a plain softmax per block.
+
+    ``with_lse``: also return each row's log-sum-exp of the logits, (batch, heads, Lq, 1) float
+    (the recomputing backward's statistics); ``block_elements``: score elements per block
+    (default ``_CONTENT_BLOCK_ELEMENTS``)."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[-2]
     offset, scale = k_len - q_len, scheme.logit_scale(head_dim)
-    budget = max(1, _CONTENT_BLOCK_ELEMENTS // (batch * heads))
-    outputs, start = [], 0
+    budget = max(1, (block_elements or _CONTENT_BLOCK_ELEMENTS) // (batch * heads))
+    outputs, lses, start = [], [], 0
     while start < q_len:
         stop = start + _rows_within(budget, q_len - start, k_len, start + offset if causal else None)
         key_stop = min(k_len, max(1, stop + offset)) if causal else k_len
         scores = _content_logits(q, k, scheme, q_positions, k_positions, hook_options, scale, causal,
                                  (start, stop), (0, key_stop), offset)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        if with_lse:  # exp(s - lse) is the softmax; a row without keys gets NaN, as softmax gives
+            lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            lses.append(lse)
+            probs = scores.sub_(lse).exp_().to(v.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out = probs @ v[:, :, :key_stop]
         extra_values = scheme.relative_values(probs, q_positions[:, start:stop], k_positions[:, :key_stop],
                                               **hook_options, **_block_indices(scheme, (start, stop), (0, key_stop)))
         outputs.append(out if extra_values is None else out + extra_values)
         start = stop
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-2)
+    return (out, lses[0] if len(lses) == 1 else torch.cat(lses, dim=-2)) if with_lse else out
 
 
 def _rows_within(budget: int, rows_left: int, k_len: int, visible_before: int | None) -> int:
@@ -199,7 +228,8 @@ def _content_tile(batch_heads: int, q_len: int, k_len: int, out_elements: int) -
 
 
 def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
-                   k_positions: Tensor, causal: bool, hook_options: dict) -> Tensor:
+                   k_positions: Tensor, causal: bool, hook_options: dict, *,
+                   with_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """No-grad path: (rows x keys) tiles, one online softmax per query row (Milakov & Gimelshein 2018,
     "Online normalizer calculation for softmax"; the FlashAttention loop, in PyTorch ops).
 
@@ -209,6 +239,9 @@ def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_
     each row's softmax; t < 0 (bidirectional) lie beyond it. Tiles are visited one t at a time:
     with consecutive positions all tiles of one t share one range of distances, so a scheme's
     per-distance table (Transformer-XL's ``W_R R``) is built once per t, not once per tile.
+
+    ``with_lse``: also return each row's log-sum-exp ``m + log l`` (running max m, running sum l),
+    (batch, heads, Lq, 1) float; +inf for a row without keys.
     """
     batch, heads, q_len, head_dim = q.shape
     k_len, value_dim = k.shape[-2], v.shape[-1]
@@ -268,8 +301,10 @@ def _content_tiles(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_
         if not seen:
             acc[:, :, row_start:row_stop] = float("nan")
             row_sum[:, :, row_start:row_stop] = 1.0
+            row_max[:, :, row_start:row_stop] = float("inf")
     acc = acc.div_(row_sum)
-    return acc if exact else acc.to(out_dtype)
+    out = acc if exact else acc.to(out_dtype)
+    return (out, row_max.add_(row_sum.log_())) if with_lse else out
 
 
 def resolve_position_layout(scheme: PositionalScheme | None, position_layout: str | None,
