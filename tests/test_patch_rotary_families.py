@@ -168,3 +168,69 @@ def test_per_layer_type_rotary_uses_each_layer_types_own_rope():
     with pytest.raises(ValueError, match="one rope per layer type"):
         patch_rotary(model, {"full_attention": from_hf_config(model.config, layer_type="full_attention")})
     assert not is_patched(model)
+
+
+def _rope_case(rope_type: str, rotary_dim: int) -> dict:
+    """One ``rope_parameters`` dict per type, sized for ``rotary_dim``; the 80-token check crosses every
+    switch (yarn's and llama3's original length 16 / 32, longrope's 32, dynamic NTK's
+    max_position_embeddings 64). Base 100 for llama3 so the tiny heads have pairs in all three bands."""
+    pairs = rotary_dim // 2
+    return {
+        "default": {"rope_type": "default", "rope_theta": 10000.0},
+        "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 32, "rope_theta": 100.0},
+        "longrope": {"rope_type": "longrope", "original_max_position_embeddings": 32, "rope_theta": 10000.0,
+                     "short_factor": [1.0 + 0.1 * j for j in range(pairs)],
+                     "long_factor": [1.0 + 0.5 * j for j in range(pairs)]},
+    }[rope_type]
+
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def _model_with_rope_type(family: str, rope_type: str):
+    """The family's tiny model with ``rope_type`` (on the full-attention layers of a per-layer-type
+    family, the sliding ones keep the default); None when transformers itself refuses the config
+    (the model does not accept that type), with the reason."""
+    prefix, overrides, rotary_dim = FAMILIES[family]
+    case = _rope_case(rope_type, rotary_dim)
+    own = overrides.get("rope_parameters") or {}
+    if hf._FAMILIES[family].get("per_layer_type"):
+        parameters = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": case}
+    else:  # keep what is not the schedule (GPT-NeoX's partial_rotary_factor)
+        parameters = {**{k: v for k, v in own.items() if k == "partial_rotary_factor"}, **case}
+    settings = {**_COMMON, **overrides, "rope_parameters": parameters}
+    if family == "phi3":  # Phi3Config's top-level original length wins over the dict's, as in transformers
+        settings["original_max_position_embeddings"] = case.get("original_max_position_embeddings", 32)
+    try:
+        config = getattr(transformers, f"{prefix}Config")(**settings)
+        torch.manual_seed(0)
+        return getattr(transformers, f"{_MODEL_CLASS.get(family, prefix)}ForCausalLM")(config).eval(), None
+    except (ValueError, KeyError, TypeError) as error:
+        return None, f"{type(error).__name__}: {error}"
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_rope_type_the_model_accepts_keeps_logits_and_decoding(family, rope_type):
+    """For each rope type transformers builds the family with: logits within 1e-5 over 80 tokens and
+    20 greedy tokens identical with a DynamicCache. A type transformers refuses is not the model's to
+    accept; posemb must then not be the one that fails (the refusal comes from transformers' config)."""
+    model, refused = _model_with_rope_type(family, rope_type)
+    if model is None:
+        pytest.skip(f"transformers refuses rope_type={rope_type!r} for {family}: {refused}")
+    tokens = _tokens(80)
+    reference = _logits(model, tokens)
+    prompt = _tokens(8, batch=1)
+    settings = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        reference_tokens = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
+    patch_rotary(model)
+    assert hf._rotary_owner(model).rotary_emb.rope.rope_type == rope_type
+    assert (logit_diff := (_logits(model, tokens) - reference).abs().max().item()) <= TOL, logit_diff
+    with torch.no_grad():
+        ours = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
+    assert torch.equal(ours, reference_tokens)
