@@ -11,6 +11,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from huggingface_hub.errors import StrictDataclassClassValidationError  # noqa: E402  (transformers' config checks)
 
 from posemb.integrations import hf  # noqa: E402
 from posemb.integrations.hf import PosembRotaryEmbedding, is_patched, patch_rotary, unpatch_rotary  # noqa: E402
@@ -209,7 +210,7 @@ def _model_with_rope_type(family: str, rope_type: str):
         config = getattr(transformers, f"{prefix}Config")(**settings)
         torch.manual_seed(0)
         return getattr(transformers, f"{_MODEL_CLASS.get(family, prefix)}ForCausalLM")(config).eval(), None
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, StrictDataclassClassValidationError) as error:
         return None, f"{type(error).__name__}: {error}"
 
 
@@ -229,8 +230,31 @@ def test_every_rope_type_the_model_accepts_keeps_logits_and_decoding(family, rop
     with torch.no_grad():
         reference_tokens = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
     patch_rotary(model)
-    assert hf._rotary_owner(model).rotary_emb.rope.rope_type == rope_type
+    module = hf._rotary_owner(model).rotary_emb
+    patched = module.layer_ropes["full_attention"] if module.layer_ropes is not None else module.rope
+    assert patched.rope_type == rope_type
     assert (logit_diff := (_logits(model, tokens) - reference).abs().max().item()) <= TOL, logit_diff
     with torch.no_grad():
         ours = model.generate(prompt, cache=transformers.DynamicCache(config=model.config), **settings)
     assert torch.equal(ours, reference_tokens)
+
+
+def test_deepseek_v3_half_pairing_and_mscale_refusal():
+    """rope_interleave=False switches DeepSeek-V3 to rotate_half (the patch follows the config); a YaRN
+    rope whose mscale^2 differs from the one the attention was built with is refused, not patched."""
+    prefix, overrides, _ = FAMILIES["deepseek_v3"]
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0,
+            "mscale": 1.0, "mscale_all_dim": 1.0}
+    config = transformers.DeepseekV3Config(**{**_COMMON, **overrides, "rope_interleave": False,
+                                              "rope_parameters": yarn})
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    tokens = _tokens(40)
+    reference = _logits(model, tokens)
+    patch_rotary(model)
+    assert hf._rotary_owner(model).rotary_emb.rope.layout == "half"
+    assert (_logits(model, tokens) - reference).abs().max().item() <= TOL
+    unpatch_rotary(model)
+    with pytest.raises(ValueError, match="MLA softmax factor"):
+        patch_rotary(model, from_hf_config({**config.to_dict(), "rope_parameters": {**yarn, "factor": 8.0}}))
+    assert not is_patched(model)

@@ -20,7 +20,9 @@ and each attention layer applies ``q * cos + rotate_half(q) * sin`` with
 The other families differ in what their apply function does with (cos, sin), recorded per model
 type in ``_FAMILIES``: GPT-NeoX / StableLM / Phi-3 / GLM rotate only the leading ``cos.shape[-1]``
 channels (partial rotary), GLM reads ``cos[..., :r/2].repeat_interleave(2)`` and pairs (2i, 2i+1),
-Cohere's module returns ``repeat_interleave(freqs, 2)``, Gemma 3 calls its module once per layer type.
+Cohere's module returns ``repeat_interleave(freqs, 2)``, Gemma 3 and OLMo 3 call their module once per
+layer type, gpt-oss takes one (cos, sin) per pair, Llama 4 a complex ``polar(1, freqs)``, DeepSeek-V3 the
+rope sub-head's cos/sin of MLA.
 
 Two ways to put posemb's rotary there
 -------------------------------------
@@ -110,6 +112,13 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 #: family is refused rather than risk a silently wrong patch (per-layer-type rotary modules,
 #: attention code that rotates differently)
 PATCHABLE_MODEL_TYPES = tuple(_FAMILIES)
+_MROPE_REASON = ("its rotary takes M-RoPE positions (3, batch, seq) split by mrope_section "
+                 "(Qwen2VLRotaryEmbedding / Qwen3VLTextRotaryEmbedding.forward); posemb's MRoPE reproduces that "
+                 "rotary (from_hf_config) but the patched forward of these models is not verified yet")
+#: model types known to call a rotary module that patch_rotary does not replace yet, with the reason
+_NOT_PATCHABLE: dict[str, str] = {name: _MROPE_REASON for name in (
+    "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text", "qwen3_vl", "qwen3_vl_text",
+    "qwen3_vl_moe", "qwen3_vl_moe_text")}
 
 __all__ = ["LAYOUTS", "PATCH_MODES", "PosembRotaryEmbedding", "patch_rotary", "unpatch_rotary",
            "is_patched", "permute_qk_for_layout", "convert_model_layout"]
@@ -323,10 +332,11 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
 
     Args:
         model: a ``transformers`` model of a type in :data:`PATCHABLE_MODEL_TYPES` (Llama, Qwen2,
-            Mistral, Qwen3, Granite, OLMo 2, Phi-3, GPT-NeoX, StableLM, Cohere, GLM, GLM-4, Gemma 2,
-            Gemma 3 text, SmolLM3; ``XForCausalLM`` or the base model). It is changed in place.
+            Mistral, Qwen3, Granite, OLMo 2, OLMo 3, Phi-3, GPT-NeoX, StableLM, Cohere, Cohere2, GLM,
+            GLM-4, Gemma 2, Gemma 3 text, SmolLM3, EXAONE 4, gpt-oss, Llama 4 text, DeepSeek-V3;
+            ``XForCausalLM`` or the base model). It is changed in place.
         rope: a posemb rope (``posemb.rotary.RoPE``: ``cos_sin(positions)``, ``rotary_dim``,
-            ``layout``); for a per-layer-type model (Gemma 3) also a mapping ``layer_type -> rope``.
+            ``layout``); for a per-layer-type model (Gemma 3, OLMo 3) also a mapping ``layer_type -> rope``.
             Default: ``posemb.rotary.from_hf_config(model.config)`` (per layer type where the model
             has several), which reproduces the model's own ``rope_parameters`` (every
             ``rope_type``), so logits are unchanged.
@@ -349,8 +359,9 @@ def patch_rotary(model: nn.Module, rope: nn.Module | None = None, *, mode: str =
     model_type = getattr(model.config, "model_type", None)
     family = _FAMILIES.get(model_type)
     if family is None:
-        raise TypeError(f"patch_rotary does not support {type(model).__name__} (model_type={model_type!r}): its "
-                        f"patched forward is not verified; supported model types: {list(PATCHABLE_MODEL_TYPES)}. "
+        reason = _NOT_PATCHABLE.get(model_type, "its patched forward is not verified")
+        raise TypeError(f"patch_rotary does not support {type(model).__name__} (model_type={model_type!r}): "
+                        f"{reason}; supported model types: {list(PATCHABLE_MODEL_TYPES)}. "
                         "posemb.rotary.from_hf_config / layer_rotaries still give its exact rotary.")
     if family["layout"] == "config":
         # the model branches on config.rope_interleave (DeepseekV3Attention.forward); the config class's

@@ -4,12 +4,14 @@ PyTorch reference in layer 1.
 * :func:`apply_rotary`, :func:`apply_rotary_qk`: fused RoPE (in place, ``out=`` or out of place;
   eager chunked on CPU, Triton on CUDA), forward and backward; ``backend="reference"`` is the
   plain formula :func:`posemb.functional.rope.apply_rotary`.
+* :func:`apply_rotary_qkv_`: the same rotation in place on a packed q|k|v projection (the model's
+  training path), differentiable, backward in place on the gradient when the caller allows.
 * :func:`load_compiled_cpu`: build/load the optional one-pass C++ CPU RoPE kernel, which ``auto``
   then uses (or set ``POSEMB_COMPILED_KERNELS=1`` to load it on the first CPU call).
 * :mod:`posemb.kernels.flex`: T5 and ALiBi as FlexAttention ``score_mod`` functions, and
   :func:`posemb.kernels.flex.bias_attention`, the bias-site attention that avoids an (L, L) tensor.
 """
-from posemb.kernels.rotary import apply_rotary, apply_rotary_qk, select_backend
+from posemb.kernels.rotary import apply_rotary, apply_rotary_qk, apply_rotary_qkv_, select_backend
 
 
 def load_compiled_cpu(build: bool = True) -> bool:
@@ -24,4 +26,4 @@ def load_compiled_cpu(build: bool = True) -> bool:
     return rotary_compiled.load(build=build)
 
 
-__all__ = ["apply_rotary", "apply_rotary_qk", "load_compiled_cpu", "select_backend"]
+__all__ = ["apply_rotary", "apply_rotary_qk", "apply_rotary_qkv_", "load_compiled_cpu", "select_backend"]

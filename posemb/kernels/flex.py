@@ -111,7 +111,8 @@ class _ToeplitzAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, blocks: list, scale: float) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, blocks: list, scale: float,
+                cut: int | None) -> Tensor:
         heads, q_len = q.shape[1], q.shape[-2]
         outputs, lses = [], []
         for start, stop, keys in blocks:
@@ -120,7 +121,7 @@ class _ToeplitzAttention(torch.autograd.Function):
                 q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys], attn_mask=mask, scale=scale)
             outputs.append(out)
             lses.append(lse)
-        ctx.blocks, ctx.scale = blocks, scale
+        ctx.blocks, ctx.scale, ctx.cut = blocks, scale, cut
         ctx.save_for_backward(q, k, v, table, *outputs, *lses)
         result = [out.flip(2) for out in outputs]
         return result[0] if len(result) == 1 else torch.cat(result, dim=2)
@@ -128,28 +129,47 @@ class _ToeplitzAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         q, k, v, table, *saved = ctx.saved_tensors
-        blocks, scale = ctx.blocks, ctx.scale
+        blocks, scale, cut = ctx.blocks, ctx.scale, ctx.cut
         outputs, lses = saved[:len(blocks)], saved[len(blocks):]
-        heads, q_len = q.shape[1], q.shape[-2]
+        heads, q_len, k_len = q.shape[1], q.shape[-2], k.shape[-2]
+        shift = k_len - q_len
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtable = torch.zeros(q.shape[0], *table.shape, dtype=table.dtype, device=table.device)
         for (start, stop, keys), out, lse in zip(blocks, outputs, lses):
             q_block, k_block, v_block = q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys]
             grad_block = grad[:, :, start:stop].flip(2)
-            probs = torch.matmul(q_block, k_block.transpose(-1, -2)).mul_(scale)
-            probs = probs.add_(_block_bias(table, heads, q_len, start, stop, keys)).sub_(lse[..., None]).exp_()
-            dscores = torch.matmul(grad_block, v_block.transpose(-1, -2))
+            mask = _block_bias(table, heads, q_len, start, stop, keys)
+            # dS = P * (dO v^T - D) for keys j >= first: every key (no cut), or the band j > i + cut.
+            first = 0 if cut is None else min(keys, max(0, start + cut + 1))
+            probs = torch.matmul(q_block, k_block[:, :, first:].transpose(-1, -2)).mul_(scale)
+            probs = probs.add_(mask[..., first:]).sub_(lse[..., None]).exp_()
+            dscores = torch.matmul(grad_block, v_block[:, :, first:].transpose(-1, -2))
             dscores = dscores.sub_((grad_block * out).sum(-1, keepdim=True)).mul_(probs)
-            dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
-            dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
-            dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
-            offset = q_len - stop
-            dtable[:, :, offset:offset + stop - start + keys - 1] += _antidiagonal_sums(dscores)
-        return dq, dk, dv, dtable.sum(0), None, None
+            if cut is None:  # the whole dS is at hand: three matmuls finish the backward
+                dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
+                dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
+                dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
+            else:  # only a band of dS: SDPA's fused backward is cheaper than the full dS
+                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    grad_block, q_block, k_block, v_block, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+                dq[:, :, start:stop] = gq.flip(2)
+                dk[:, :, :keys] += gk
+                dv[:, :, :keys] += gv
+            offset = q_len - stop + first
+            sums = _antidiagonal_sums(dscores)
+            dtable[:, :, offset:offset + sums.shape[-1]] += sums
+        if cut is not None:
+            # Each row of dS sums to 0 (sum_j P_ij dP_ij = dO_i . O_i = D_i), so the table entries
+            # of j - i <= cut, which all hold one function of the parameters, receive minus the rest
+            # (all on the last of them, index cut + Lq - 1; the others get 0, which sums the same).
+            tail = cut + q_len - 1
+            dtable[:, :, tail] = -dtable[:, :, tail + 1:].sum(-1)
+            dtable[:, :, :tail] = 0
+        return dq, dk, dv, dtable.sum(0), None, None, None
 
 
 def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delta: int, *, causal: bool,
-                            block: int = QUERY_BLOCK, backward: str = "auto") -> Tensor:
+                            block: int = QUERY_BLOCK, backward: str = "auto", reach: int | None = None) -> Tensor:
     """``softmax(q k^T / sqrt(d) + b(j - i + delta) [+ causal mask]) v`` with the bias read from a
     (heads, Lq + Lk - 1) table through strided views (see the module docstring).
 
@@ -164,7 +184,14 @@ def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delt
             (autograd through the strided view: the earlier path, kept as the reference), or
             ``"auto"`` (diagonal on CPU, else autograd). A constant table always takes SDPA's own
             autograd, which keeps its fused kernel.
+        reach: when set, ``b(d) = b(-reach)`` as the same function of the parameters for every
+            ``d <= -reach`` (and ``b(d) = b(reach)`` for ``d >= reach``): T5's saturating buckets
+            (a scheme's ``distance_reach``). The diagonal backward of a causal call then computes
+            the bias gradient only within ``reach`` of each row's diagonal (see
+            :class:`_ToeplitzAttention`); None: everywhere.
     """
+    if reach is not None:
+        check_int("reach", reach, minimum=1)
     check_int("block", block, minimum=1)
     check_choice("backward", backward, TOEPLITZ_BACKWARDS)
     heads, q_len, k_len = q.shape[1], q.shape[-2], k.shape[-2]
@@ -183,7 +210,12 @@ def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delt
     if backward == "diagonal" and q.device.type != "cpu":
         raise ValueError(f"backward='diagonal' runs SDPA's CPU kernel; q is on {q.device.type}")
     if backward == "diagonal" and torch.is_grad_enabled() and table.requires_grad:
-        return _ToeplitzAttention.apply(q, k, v, table, blocks, q.shape[-1] ** -0.5)
+        # Causal rows see j - i <= shift; with a reach, every pair with j - i <= -delta - reach
+        # (distance <= -reach) shares one bias, and the backward resolves only the band above it.
+        cut = None
+        if reach is not None and causal and shift + delta < reach and 0 <= -delta - reach + q_len - 1:
+            cut = -delta - reach
+        return _ToeplitzAttention.apply(q, k, v, table, blocks, q.shape[-1] ** -0.5, cut)
     outputs = []
     for start, stop, keys in blocks:
         mask = _block_bias(table, heads, q_len, start, stop, keys)
@@ -226,6 +258,12 @@ def flex_bias_attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, causal: b
         return function(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
+def _distance_reach(scheme) -> int | None:
+    """The scheme's ``distance_reach()`` (the |distance| beyond which its bias is one shared value), or None."""
+    reach = getattr(scheme, "distance_reach", None)
+    return reach() if callable(reach) else None
+
+
 def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor, k_positions: Tensor, *,
                    causal: bool, path: str = "auto") -> Tensor | None:
     """Bias-site attention through a fast path, or None when the dense reference should run.
@@ -253,7 +291,8 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor,
             delta = key_query_delta(q_positions, k_positions)
             if delta is None:
                 return None
-            return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal)
+            return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal,
+                                           reach=_distance_reach(scheme))
     name = type(scheme).__name__
     if path == "toeplitz":
         if not has_distance:
@@ -262,7 +301,8 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor,
         if delta is None:
             raise ValueError("path='toeplitz' needs consecutive positions with one key-query offset for "
                              "every batch row; use path='auto' or 'dense' for other positions")
-        return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal)
+        return toeplitz_bias_attention(q, k, v, scheme.distance_bias, delta, causal=causal,
+                                           reach=_distance_reach(scheme))
     if not has_score_mod:
         raise ValueError(f"path='flex' needs a score_mod method, which {name} does not have")
     if not flex_available():

@@ -127,6 +127,107 @@ class _Rotary(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
+# ---- packed q|k|v projections, rotated in place ---------------------------------------------------
+def _packed_qk(packed: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """q and k of a packed projection as (batch, heads, seq, head_dim) views (unit channel stride)."""
+    batch, length = packed.shape[0], packed.shape[1]
+    five = packed.view(batch, length, 3, heads, -1)
+    return five[:, :, 0].transpose(1, 2), five[:, :, 1].transpose(1, 2)
+
+
+class _PackedRotary(torch.autograd.Function):
+    """Rotate the q and k thirds of a packed projection in place: ``y = [R q, R k, v]``.
+
+    Backward: ``[R^-1 g_q, R^-1 g_k, g_v]``, written into the incoming gradient itself when
+    ``grad_inplace`` and no double backward is being recorded, else into a copy of it."""
+
+    @staticmethod
+    def forward(ctx, packed: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor, sin_k: Tensor, heads: int,
+                interleaved: bool, sign: float, backend: str, grad_inplace: bool) -> Tensor:
+        q, k = _packed_qk(packed, heads)
+        _run_kernel(backend, q, cos_q, sin_q, q, interleaved, sign)
+        _run_kernel(backend, k, cos_k, sin_k, k, interleaved, sign)
+        ctx.mark_dirty(packed)
+        ctx.save_for_backward(cos_q, sin_q, cos_k, sin_k)
+        ctx.options = (heads, interleaved, sign, backend, grad_inplace)
+        return packed
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos_q, sin_q, cos_k, sin_k = ctx.saved_tensors
+        heads, interleaved, sign, backend, grad_inplace = ctx.options
+        # A gradient may reach other nodes too (AddBackward hands one tensor to both inputs), so it
+        # is overwritten only where the caller vouches that it is private (``grad_inplace``), and
+        # never while a double backward is recorded (then the rotation is itself differentiated).
+        recording = torch.is_grad_enabled()
+        if not grad_inplace or recording or not grad.is_contiguous():
+            grad = grad.clone(memory_format=torch.contiguous_format)
+        grad_packed = _PackedRotary.apply(grad, cos_q, sin_q, cos_k, sin_k, heads, interleaved, -sign, backend,
+                                          grad_inplace)
+        return grad_packed, None, None, None, None, None, None, None, None, None
+
+
+def apply_rotary_qkv_(qkv: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor | None = None,
+                      sin_k: Tensor | None = None, *, heads: int, interleaved: bool = False,
+                      backend: str = "auto", grad_inplace: bool = False) -> Tensor:
+    """Rotate the queries and keys of a packed projection **in place**, differentiably.
+
+    ``qkv`` is the output of one fused ``q|k|v`` projection, (batch, seq, 3 * heads * head_dim)
+    (or the same memory viewed as (batch, seq, 3, heads, head_dim)): its thirds are q, k, v, each
+    (batch, seq, heads, head_dim). Afterwards ``q = R(q positions) q`` and ``k = R(k positions) k``
+    (:func:`apply_rotary`'s formula and back ends; ``cos_k``/``sin_k`` default to ``cos_q``/``sin_q``),
+    v is untouched, and ``qkv`` itself is returned. The same interface as flash-attn's
+    ``apply_rotary_emb_qkv_`` (``flash_attn/layers/rotary.py``), for the layout of a packed
+    projection, so the rotation costs one read and one write of q and k and no allocation.
+
+    Autograd: an ``autograd.Function`` that marks ``qkv`` dirty; its backward is the rotation by
+    ``-theta`` of the q and k thirds of the gradient (nothing of the size of ``qkv`` is saved; double
+    backward works). Pass the projection's output itself, not a view of it: autograd refuses an
+    in-place change of a leaf that requires grad, and rewrites a view's history through a copy of
+    its base. ``grad_inplace=True`` also rotates the incoming gradient in place (no allocation in
+    the backward either); only a caller that knows the gradient reaching ``qkv`` is private to it
+    may pass it (``MultiHeadAttention.forward`` does: ``qkv``'s only consumer is its own
+    view/permute/unbind, whose backward stacks a fresh gradient).
+
+    Never call it on a tensor someone else still reads as unrotated (a forward hook's copy of the
+    projection, a KV cache of raw keys): the memory is overwritten.
+    """
+    check_tensor("qkv", qkv, floating=True)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3 or qkv.shape[3] != heads:
+            raise ValueError(f"qkv of 5 dimensions must be (batch, seq, 3, heads={heads}, head_dim), got "
+                             f"{tuple(qkv.shape)}")
+    elif qkv.dim() != 3 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv must be (batch, seq, 3 * heads * head_dim) with heads={heads}, or (batch, seq, 3, "
+                         f"heads, head_dim), got shape {tuple(qkv.shape)}")
+    if qkv.stride(-1) != 1 or not qkv.view(qkv.shape[0], qkv.shape[1], -1).is_contiguous():
+        raise ValueError(f"qkv must be contiguous (a projection's output), got strides {qkv.stride()}")
+    if not isinstance(grad_inplace, bool):
+        raise TypeError(f"grad_inplace must be a bool, got {type(grad_inplace).__name__} ({grad_inplace!r})")
+    if (cos_k is None) != (sin_k is None):
+        raise ValueError("cos_k and sin_k must be given together (or both left out to reuse cos_q/sin_q)")
+    if cos_k is None:
+        cos_k, sin_k = cos_q, sin_q
+    q, k = _packed_qk(qkv, heads)
+    _check_tables("q", q, "cos_q", cos_q, "sin_q", sin_q)
+    _check_tables("k", k, "cos_k", cos_k, "sin_k", sin_k)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__} ({interleaved!r})")
+    backend = _resolve_backend("qkv", qkv, backend, interleaved)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (cos_q, sin_q, cos_k, sin_k)):
+        raise ValueError("apply_rotary_qkv_ does not differentiate through cos/sin; use apply_rotary_qk, whose "
+                         "reference path does")
+    cos_q, sin_q, cos_k, sin_k = (t.contiguous() for t in (cos_q, sin_q, cos_k, sin_k))
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _PackedRotary.apply(qkv, cos_q, sin_q, cos_k, sin_k, heads, interleaved, 1.0, backend,
+                                   grad_inplace)
+    _run_kernel(backend, q, cos_q, sin_q, q, interleaved, 1.0)
+    _run_kernel(backend, k, cos_k, sin_k, k, interleaved, 1.0)
+    return qkv
+
+
 # ---- validation -------------------------------------------------------------------------------
 def _check_tables(x_name: str, x: Tensor, cos_name: str, cos: Tensor, sin_name: str, sin: Tensor) -> None:
     check_tensor(x_name, x, ndim=4, floating=True)
@@ -222,28 +323,13 @@ def apply_rotary_qk(q: Tensor, k: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: T
 def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, inplace: bool,
            out: Tensor | None, backend: str, cos_name: str = "cos", sin_name: str = "sin") -> Tensor:
     _check_tables(name, x, cos_name, cos, sin_name, sin)
-    check_choice("backend", backend, BACKENDS)
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__} ({interleaved!r})")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__} ({inplace!r})")
     if inplace and out is not None:
         raise ValueError("pass either inplace=True or out=, not both")
-    if backend == "auto":
-        backend = select_backend(x)
-        if backend == "compiled" and interleaved and x.dtype in (torch.float32, torch.float64):
-            # The eager path does this case as one complex multiplication, which measured as fast
-            # as the compiled loop on large tensors and faster on small rows (docs/performance.md).
-            backend = "cpu"
-    elif backend == "cpu" and x.device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {x.device}")
-    elif backend == "compiled" and x.device.type != "cpu":
-        raise ValueError(f"backend='compiled' needs CPU tensors, got {name} on {x.device}")
-    elif backend == "compiled" and not _compiled_loaded():
-        raise ValueError("backend='compiled' needs the compiled CPU kernel: call "
-                         "posemb.kernels.load_compiled_cpu() first (or set POSEMB_COMPILED_KERNELS=1)")
-    elif backend == "triton" and not _triton_available():
-        raise ValueError("backend='triton' needs triton, which is not installed")
+    backend = _resolve_backend(name, x, backend, interleaved)
     if out is not None:
         _check_out(name, x, out)
         inplace, out_is_x = False, out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
@@ -266,3 +352,24 @@ def _apply(name: str, x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool,
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _run_kernel(backend, x, cos, sin, out, interleaved, 1.0)
+
+
+def _resolve_backend(name: str, x: Tensor, backend: str, interleaved: bool) -> str:
+    """The back end to run for ``x``: ``backend`` checked against the device, or ``auto``'s choice."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "auto":
+        backend = select_backend(x)
+        if backend == "compiled" and interleaved and x.dtype in (torch.float32, torch.float64):
+            # The eager path does this case as one complex multiplication, which measured as fast
+            # as the compiled loop on large tensors and faster on small rows (docs/performance.md).
+            backend = "cpu"
+    elif backend == "cpu" and x.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got {name} on {x.device}")
+    elif backend == "compiled" and x.device.type != "cpu":
+        raise ValueError(f"backend='compiled' needs CPU tensors, got {name} on {x.device}")
+    elif backend == "compiled" and not _compiled_loaded():
+        raise ValueError("backend='compiled' needs the compiled CPU kernel: call "
+                         "posemb.kernels.load_compiled_cpu() first (or set POSEMB_COMPILED_KERNELS=1)")
+    elif backend == "triton" and not _triton_available():
+        raise ValueError("backend='triton' needs triton, which is not installed")
+    return backend

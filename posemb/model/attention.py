@@ -364,12 +364,29 @@ class MultiHeadAttention(nn.Module):
         check_positions("positions", positions, self.position_layout, self.position_axes, batch, length)
         if x.is_meta or positions.is_meta:
             raise ValueError("x and positions must hold values, got a tensor on the meta device")
-        # (batch, seq, 3 * dim) -> 3 x (batch, heads, seq, head_dim)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         scheme = self.scheme
         site = "none" if scheme is None else scheme.site
+        qkv = self.qkv(x)  # (batch, seq, 3 * dim), thirds q | k | v
+        # RoPE-family schemes rotate q and k in place inside the projection's output (one read and
+        # write of q and k, no allocation; backward in place on the gradient): nobody else can hold
+        # that tensor when the projection is a plain nn.Linear without forward hooks (a hook could
+        # keep the output and would see it rotated), the rotated keys are what gets cached, and no
+        # graph is being traced (torch.compile fuses the out-of-place formula instead).
+        packed = (site == "rotation" and getattr(scheme, "rotates_packed", False)
+                  and (cache is None or scheme.caches_rotated_keys) and type(self.qkv) is nn.Linear
+                  and not self.qkv._forward_hooks and not nn.modules.module._global_forward_hooks
+                  and not torch.compiler.is_compiling())
+        if packed:
+            # grad_inplace: qkv's only consumer is the view/permute/unbind below, whose backward
+            # stacks a fresh gradient that nothing else reads.
+            qkv = scheme.rotate_qkv_(qkv, positions, heads=self.num_heads, grad_inplace=True)
+        # (batch, seq, 3 * dim) -> 3 x (batch, heads, seq, head_dim)
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k_positions = positions
-        if site == "rotation" and (cache is None or scheme.caches_rotated_keys):
+        if packed:
+            if cache is not None:
+                k, v, k_positions = cache.append(k, v, positions, layout=self.position_layout)
+        elif site == "rotation" and (cache is None or scheme.caches_rotated_keys):
             q, k = scheme.rotate(q, k, positions, positions)
             if cache is not None:
                 k, v, k_positions = cache.append(k, v, positions, layout=self.position_layout)

@@ -35,12 +35,14 @@ on the positions' device and is never cast.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
 from posemb._validation import check_choice, check_float, check_int, check_tensor, check_width
 from posemb.functional.rope import rotary_angles_cos_sin
-from posemb.kernels import apply_rotary_qk
+from posemb.kernels import apply_rotary_qk, apply_rotary_qkv_
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -74,6 +76,14 @@ def _cos_sin_direct(positions: Tensor, inv_freq64: Tensor, scale: float | Tensor
         scale = scale.to(device=work, dtype=torch.float64) if isinstance(scale, Tensor) else scale
         cos, sin = cos * scale, sin * scale
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
+
+
+def _shared_rows(positions: Tensor) -> Tensor:
+    """``positions[:1]`` when every row is the same memory (``expand``ed, batch stride 0), else
+    ``positions``: the rows are then equal without looking at a value (no host sync)."""
+    if positions.dim() == 2 and positions.shape[0] > 1 and positions.stride(0) == 0:
+        return positions[:1]
+    return positions
 
 
 def _check_rotate_inputs(scheme: "RoPE", q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> None:
@@ -162,6 +172,8 @@ class RoPE(PositionalScheme):
         self._dynamic_memo: dict[int, tuple[tuple[float, ...], float]] = {}
         self._cos_table: Tensor | None = None
         self._sin_table: Tensor | None = None
+        #: (weakref q_positions, weakref k_positions, key, tables) of the last call (_rotation_tables)
+        self._tables_memo: tuple | None = None
         #: instance attribute (the base class has a class default): raw keys are cached when the
         #: rotation depends on the whole context.
         self.caches_rotated_keys = rope_type not in CONTEXT_DEPENDENT_TYPES
@@ -243,6 +255,7 @@ class RoPE(PositionalScheme):
         if self.rope_type == "longrope":
             self.long_inv_freq64 = torch.tensor(self._long_inv_freq_values, dtype=torch.float64, device=device)
         self._cos_table = self._sin_table = None
+        self._tables_memo = None
         return result
 
     # ---- cos / sin ---------------------------------------------------------------------------
@@ -315,6 +328,11 @@ class RoPE(PositionalScheme):
     # ---- the hook ----------------------------------------------------------------------------
     def _cos_sin_pair(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        # Rows expanded from one (the model's default arange) share one table row: the kernels
+        # broadcast a batch-1 table, so the tables stay (1, seq, r/2) however large the batch.
+        same = q_positions is k_positions
+        q_positions = _shared_rows(q_positions)
+        k_positions = q_positions if same else _shared_rows(k_positions)
         context = None
         if self.context_dependent:
             # Every query and key of a row shares the frequencies of the row's context length.
@@ -326,11 +344,64 @@ class RoPE(PositionalScheme):
         cos_k, sin_k = self.cos_sin(k_positions, context, dtype=dtype)
         return cos_q, sin_q, cos_k, sin_k
 
+    def _rotation_tables(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(cos_q, sin_q, cos_k, sin_k)`` the kernels multiply by (subclasses that scale the
+        rotation, xPos, override this and inherit both hooks), memoised per positions tensor.
+
+        Every layer of a model receives the same ``positions`` object, and one instance of the
+        scheme serves them all (``per_layer = False``), so the tables, and the host sync that
+        sizes them, are made once per forward instead of once per layer. The memo is keyed on the
+        identity of the positions tensors (weak references: it keeps nothing alive), their version
+        counters (an in-place change of the positions invalidates it), the compute dtype and the
+        device; ``_apply`` (``.to``, ``.half``) clears it."""
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        memoisable = not (torch.compiler.is_compiling() or q_positions.is_inference() or k_positions.is_inference())
+        if memoisable:
+            key = (dtype, q.device, q_positions._version, k_positions._version)
+            memo = self._tables_memo
+            if memo is not None and memo[0]() is q_positions and memo[1]() is k_positions and memo[2] == key:
+                return memo[3]
+        tables = self._compute_rotation_tables(q, q_positions, k_positions)
+        if memoisable:
+            self._tables_memo = (weakref.ref(q_positions), weakref.ref(k_positions), key, tables)
+        return tables
+
+    def _compute_rotation_tables(self, q: Tensor, q_positions: Tensor,
+                                 k_positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self._cos_sin_pair(q, q_positions, k_positions)
+
+    @property
+    def rotates_packed(self) -> bool:
+        """Whether :meth:`rotate_qkv_` is this scheme's rotation (False for subclasses that replace
+        :meth:`rotate` itself, M-RoPE's sections say)."""
+        return type(self).rotate is RoPE.rotate
+
+    def rotate_qkv_(self, qkv: Tensor, positions: Tensor, *, heads: int, grad_inplace: bool = False) -> Tensor:
+        """:meth:`rotate` in place on a packed projection: ``qkv`` (batch, seq, 3 * heads * head_dim),
+        thirds q | k | v, queries and keys both at ``positions`` (batch, seq). Returns ``qkv``, its q and
+        k thirds rotated (:func:`posemb.kernels.apply_rotary_qkv_`, differentiable; ``grad_inplace`` as
+        there). Refused for a scheme whose :attr:`rotates_packed` is False."""
+        if not self.rotates_packed:
+            raise TypeError(f"{type(self).__name__} replaces RoPE.rotate, so it has no packed in-place rotation; "
+                            "call rotate(q, k, q_positions, k_positions)")
+        check_tensor("qkv", qkv, ndim=3, floating=True)
+        width = 3 * heads * self.head_dim
+        if qkv.shape[-1] != width:
+            raise ValueError(f"qkv must be (batch, seq, 3 * heads * head_dim = {width}) for heads={heads}, "
+                             f"head_dim={self.head_dim}, got {tuple(qkv.shape)}")
+        check_tensor("positions", positions, ndim=2, integer=True)
+        if positions.shape[1] != qkv.shape[1] or positions.shape[0] not in (1, qkv.shape[0]):
+            raise ValueError(f"positions must have shape (batch={qkv.shape[0]} or 1, seq={qkv.shape[1]}), "
+                             f"got {tuple(positions.shape)}")
+        cos_q, sin_q, cos_k, sin_k = self._rotation_tables(qkv, positions, positions)
+        return apply_rotary_qkv_(qkv, cos_q, sin_q, cos_k, sin_k, heads=heads,
+                                 interleaved=self.layout == "interleaved", grad_inplace=grad_inplace)
+
     def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
         """``(R(q_positions) q, R(k_positions) k)`` for q, k (batch, heads, seq, head_dim); outputs in
         the inputs' dtypes, arithmetic in float32 (float64 for float64 inputs)."""
         _check_rotate_inputs(self, q, k, q_positions, k_positions)
-        cos_q, sin_q, cos_k, sin_k = self._cos_sin_pair(q, q_positions, k_positions)
+        cos_q, sin_q, cos_k, sin_k = self._rotation_tables(q, q_positions, k_positions)
         interleaved = self.layout == "interleaved"
         # The fused kernels (posemb.kernels) rotate q and k in one call, out of place, and fall back to
         # the plain formula (posemb.functional.rope.apply_rotary, their oracle) under torch.compile.

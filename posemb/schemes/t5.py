@@ -53,6 +53,13 @@ class T5Bias(PositionalScheme):
                                      num_buckets=self.num_buckets, max_distance=self.max_distance)
         return self.bias(buckets).transpose(0, 1)
 
+    def distance_reach(self) -> int:
+        """``reach = max(max_distance, num_buckets)``: every distance with ``|d| >= reach`` falls in
+        the bucket of ``sign(d) reach`` (the log buckets end at ``max_distance``; the exact ones, when
+        ``max_distance`` is below them, at ``num_buckets - 1``). The Toeplitz backward then resolves
+        the table's gradient only within ``reach`` of the diagonal (``posemb.kernels.flex``)."""
+        return max(self.max_distance, self.num_buckets)
+
     def score_mod(self, q_positions: Tensor, k_positions: Tensor):
         """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding ``b_h[bucket(p_kv - p_q)]``.
 
@@ -60,7 +67,7 @@ class T5Bias(PositionalScheme):
         bucket(sign(d) reach)`` beyond it), so the bucket of every distance comes from a
         (2 reach + 1,) lookup table; the learned table is captured, so gradients reach it where
         FlexAttention has a backward."""
-        reach = max(self.max_distance, self.num_buckets)
+        reach = self.distance_reach()
         lookup = t5_relative_bucket(torch.arange(-reach, reach + 1, device=self.bias.weight.device),
                                     bidirectional=not self.causal, num_buckets=self.num_buckets,
                                     max_distance=self.max_distance)

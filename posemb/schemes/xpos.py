@@ -35,9 +35,8 @@ import torch
 from torch import Tensor
 
 from posemb._validation import check_bool, check_float
-from posemb.functional.rope import apply_rotary
 from posemb.registry import register
-from posemb.schemes.rope import RoPE, _check_rotate_inputs
+from posemb.schemes.rope import RoPE, _shared_rows
 
 
 @register("xpos")
@@ -80,9 +79,16 @@ class XPos(RoPE):
         offset = (positions - centre[:, None]).to(device=log_zeta.device, dtype=torch.float64)
         return torch.exp(offset[..., None] * (sign / self.scale_base) * log_zeta)
 
-    def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ζ^((m-c)/γ) ⊙ R(m) q, ζ^(-(n-c)/γ) ⊙ R(n) k)``, c the per-row midpoint of all positions."""
-        _check_rotate_inputs(self, q, k, q_positions, k_positions)
+    def _compute_rotation_tables(self, q: Tensor, q_positions: Tensor,
+                                 k_positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """RoPE's cos/sin times the decays: ``ζ^((m-c)/γ)`` for queries, ``ζ^(-(n-c)/γ)`` for keys, c
+        the per-row midpoint of all positions, so that :meth:`RoPE.rotate` and
+        :meth:`RoPE.rotate_qkv_` (the fused kernels, which are linear in cos/sin) give
+        ``(ζ^((m-c)/γ) ⊙ R(m) q, ζ^(-(n-c)/γ) ⊙ R(n) k)``. Memoised per forward by
+        :meth:`RoPE._rotation_tables`, so the span check's host sync runs once per forward."""
+        same = q_positions is k_positions
+        q_positions = _shared_rows(q_positions)
+        k_positions = q_positions if same else _shared_rows(k_positions)
         cos_q, sin_q, cos_k, sin_k = self._cos_sin_pair(q, q_positions, k_positions)
         low = torch.minimum(q_positions.amin(dim=1), k_positions.amin(dim=1))
         high = torch.maximum(q_positions.amax(dim=1), k_positions.amax(dim=1))
@@ -103,9 +109,7 @@ class XPos(RoPE):
             # Scale in float64, round once to the table's dtype (float32, or float64 for float64 input).
             return (table.to(device=decay.device, dtype=torch.float64) * decay).to(device=table.device, dtype=table.dtype)
 
-        interleaved = self.layout == "interleaved"
-        return (apply_rotary(q, scaled(cos_q, q_decay), scaled(sin_q, q_decay), interleaved=interleaved),
-                apply_rotary(k, scaled(cos_k, k_decay), scaled(sin_k, k_decay), interleaved=interleaved))
+        return scaled(cos_q, q_decay), scaled(sin_q, q_decay), scaled(cos_k, k_decay), scaled(sin_k, k_decay)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale_base={self.scale_base:g}, causal=True"
