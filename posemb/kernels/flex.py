@@ -41,6 +41,9 @@ BIAS_PATHS = ("auto", "dense", "toeplitz", "flex")
 #: queries per SDPA call in the Toeplitz path: large enough to keep the kernel busy, small enough
 #: that the causal upper triangle computed inside each block (block^2 / 2) stays a few percent.
 QUERY_BLOCK = 256
+#: score elements (batch * heads * rows * keys) of one block of the Toeplitz backward's dS: ~8 MiB
+#: in fp32 (a few such tensors live at once), so a training step's peak stays near SDPA's.
+_TOEPLITZ_BACKWARD_ELEMENTS = 1 << 21
 
 _compiled_flex = None
 
@@ -92,6 +95,39 @@ def _antidiagonal_sums(x: Tensor) -> Tensor:
     return padded.unflatten(-1, (rows, cols + rows - 1)).sum(-2)
 
 
+def _toeplitz_backward_block(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, table: Tensor, dq: Tensor, dk: Tensor,
+                             dv: Tensor, dtable: Tensor, out: Tensor, lse: Tensor, start: int, stop: int, keys: int,
+                             scale: float, cut: int | None) -> None:
+    """Accumulate one query block's share of the gradients (see :class:`_ToeplitzAttention`).
+
+    ``out``, ``lse``: the block's output and log-sum-exps in reversed row order, as the forward made them.
+    """
+    heads, q_len = q.shape[1], q.shape[-2]
+    q_block, k_block, v_block = q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys]
+    grad_block = grad[:, :, start:stop].flip(2)
+    mask = _block_bias(table, heads, q_len, start, stop, keys)
+    # dS = P * (dO v^T - D) for keys j >= first: every key (no cut), or the band j > i + cut of
+    # the block's first row (later rows' entries below their own band are overwritten by the tail rule).
+    first = 0 if cut is None else min(keys, max(0, start + cut + 1))
+    probs = torch.matmul(q_block, k_block[:, :, first:].transpose(-1, -2)).mul_(scale)
+    probs = probs.add_(mask[..., first:]).sub_(lse[..., None]).exp_()
+    dscores = torch.matmul(grad_block, v_block[:, :, first:].transpose(-1, -2))
+    dscores = dscores.sub_((grad_block * out).sum(-1, keepdim=True)).mul_(probs)
+    if cut is None:  # the whole dS is at hand: three matmuls finish the backward
+        dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
+        dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
+        dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
+    else:  # only a band of dS: SDPA's fused backward is cheaper than forming the whole dS
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_block, q_block, k_block, v_block, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+        dq[:, :, start:stop] = gq.flip(2)
+        dk[:, :, :keys] += gk
+        dv[:, :, :keys] += gv
+    offset = q_len - stop + first
+    sums = _antidiagonal_sums(dscores)
+    dtable[:, :, offset:offset + sums.shape[-1]] += sums
+
+
 class _ToeplitzAttention(torch.autograd.Function):
     """Toeplitz-bias attention with a hand-written backward (CPU), for a table that needs a gradient.
 
@@ -112,7 +148,7 @@ class _ToeplitzAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, table: Tensor, blocks: list, scale: float,
-                cut: int | None) -> Tensor:
+                cut: int | None, causal: bool) -> Tensor:
         heads, q_len = q.shape[1], q.shape[-2]
         outputs, lses = [], []
         for start, stop, keys in blocks:
@@ -121,7 +157,7 @@ class _ToeplitzAttention(torch.autograd.Function):
                 q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys], attn_mask=mask, scale=scale)
             outputs.append(out)
             lses.append(lse)
-        ctx.blocks, ctx.scale, ctx.cut = blocks, scale, cut
+        ctx.blocks, ctx.scale, ctx.cut, ctx.causal = blocks, scale, cut, causal
         ctx.save_for_backward(q, k, v, table, *outputs, *lses)
         result = [out.flip(2) for out in outputs]
         return result[0] if len(result) == 1 else torch.cat(result, dim=2)
@@ -131,41 +167,30 @@ class _ToeplitzAttention(torch.autograd.Function):
         q, k, v, table, *saved = ctx.saved_tensors
         blocks, scale, cut = ctx.blocks, ctx.scale, ctx.cut
         outputs, lses = saved[:len(blocks)], saved[len(blocks):]
-        heads, q_len, k_len = q.shape[1], q.shape[-2], k.shape[-2]
-        shift = k_len - q_len
+        heads = q.shape[1]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtable = torch.zeros(q.shape[0], *table.shape, dtype=table.dtype, device=table.device)
-        for (start, stop, keys), out, lse in zip(blocks, outputs, lses):
-            q_block, k_block, v_block = q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys]
-            grad_block = grad[:, :, start:stop].flip(2)
-            mask = _block_bias(table, heads, q_len, start, stop, keys)
-            # dS = P * (dO v^T - D) for keys j >= first: every key (no cut), or the band j > i + cut.
-            first = 0 if cut is None else min(keys, max(0, start + cut + 1))
-            probs = torch.matmul(q_block, k_block[:, :, first:].transpose(-1, -2)).mul_(scale)
-            probs = probs.add_(mask[..., first:]).sub_(lse[..., None]).exp_()
-            dscores = torch.matmul(grad_block, v_block[:, :, first:].transpose(-1, -2))
-            dscores = dscores.sub_((grad_block * out).sum(-1, keepdim=True)).mul_(probs)
-            if cut is None:  # the whole dS is at hand: three matmuls finish the backward
-                dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
-                dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
-                dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
-            else:  # only a band of dS: SDPA's fused backward is cheaper than the full dS
-                gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad_block, q_block, k_block, v_block, out, lse, 0.0, False, attn_mask=mask, scale=scale)
-                dq[:, :, start:stop] = gq.flip(2)
-                dk[:, :, :keys] += gk
-                dv[:, :, :keys] += gv
-            offset = q_len - stop + first
-            sums = _antidiagonal_sums(dscores)
-            dtable[:, :, offset:offset + sums.shape[-1]] += sums
+        for (block_start, block_stop, block_keys), block_out, block_lse in zip(blocks, outputs, lses):
+            # Reversed rows [a, b) of a forward block are the rows [stop - b, stop - a) of a block of
+            # their own (keys up to its last row's diagonal): sub-blocks keep dS and P near
+            # _TOEPLITZ_BACKWARD_ELEMENTS, so the backward's peak stays near SDPA's.
+            # With a cut, dS is only a band of about (rows, rows + reach): whole blocks, fewer calls.
+            rows = block_stop - block_start if cut is not None else \
+                max(1, _TOEPLITZ_BACKWARD_ELEMENTS // (q.shape[0] * heads * block_keys))
+            for a in range(0, block_stop - block_start, rows):
+                b = min(block_stop - block_start, a + rows)
+                start, stop, keys = block_stop - b, block_stop - a, block_keys - a if ctx.causal else block_keys
+                out, lse = block_out[:, :, a:b], block_lse[:, :, a:b]
+                _toeplitz_backward_block(q, k, v, grad, table, dq, dk, dv, dtable, out, lse, start, stop, keys,
+                                         scale, cut)
         if cut is not None:
             # Each row of dS sums to 0 (sum_j P_ij dP_ij = dO_i . O_i = D_i), so the table entries
             # of j - i <= cut, which all hold one function of the parameters, receive minus the rest
             # (all on the last of them, index cut + Lq - 1; the others get 0, which sums the same).
-            tail = cut + q_len - 1
+            tail = cut + q.shape[-2] - 1
             dtable[:, :, tail] = -dtable[:, :, tail + 1:].sum(-1)
             dtable[:, :, :tail] = 0
-        return dq, dk, dv, dtable.sum(0), None, None, None
+        return dq, dk, dv, dtable.sum(0), None, None, None, None
 
 
 def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delta: int, *, causal: bool,
@@ -213,9 +238,9 @@ def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delt
         # Causal rows see j - i <= shift; with a reach, every pair with j - i <= -delta - reach
         # (distance <= -reach) shares one bias, and the backward resolves only the band above it.
         cut = None
-        if reach is not None and causal and shift + delta < reach and 0 <= -delta - reach + q_len - 1:
+        if reach is not None and causal and shift + delta < reach and -(q_len - 1) <= -delta - reach < k_len:
             cut = -delta - reach
-        return _ToeplitzAttention.apply(q, k, v, table, blocks, q.shape[-1] ** -0.5, cut)
+        return _ToeplitzAttention.apply(q, k, v, table, blocks, q.shape[-1] ** -0.5, cut, causal)
     outputs = []
     for start, stop, keys in blocks:
         mask = _block_bias(table, heads, q_len, start, stop, keys)
@@ -223,6 +248,37 @@ def toeplitz_bias_attention(q: Tensor, k: Tensor, v: Tensor, distance_bias, delt
                                              attn_mask=mask)
         outputs.append(out.flip(2))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+#: the widest distance table :func:`distance_score_mod` builds (heads x this many values).
+MAX_SCORE_MOD_DISTANCES = 1 << 24
+
+
+def distance_score_mod(distance_bias, q_positions: Tensor, k_positions: Tensor):
+    """A FlexAttention ``score_mod(score, b, h, q_idx, kv_idx)`` adding ``b_h(p_kv - p_q)`` for a
+    distance-only bias (Kerple, Sandwich, dynamic position bias).
+
+    ``distance_bias`` (distances (n,) -> (heads, n)) runs once, on every distance from the smallest
+    to the largest key-minus-query distance of the positions (one host sync), and the score_mod
+    reads that (heads, n) table: a scheme's MLP or cosine sum never runs per (query, key) pair, and
+    the table is captured with its autograd graph, so gradients reach the scheme's parameters where
+    FlexAttention has a backward.
+
+    Args:
+        distance_bias: the scheme's ``distance_bias``.
+        q_positions, k_positions: (batch, Lq), (batch, Lk) integer positions.
+    """
+    low = int(k_positions.min()) - int(q_positions.max())
+    high = int(k_positions.max()) - int(q_positions.min())
+    if high - low + 1 > MAX_SCORE_MOD_DISTANCES:
+        raise ValueError(f"positions span {high - low + 1} key-query distances, more than the score_mod table's "
+                         f"{MAX_SCORE_MOD_DISTANCES}; use bias_path='dense' (it evaluates only the distances present)")
+    table = distance_bias(torch.arange(low, high + 1, device=q_positions.device))
+
+    def distance_bias_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + table[h, k_positions[b, kv_idx] - q_positions[b, q_idx] - low].to(score.dtype)
+
+    return distance_bias_mod
 
 
 def flex_bias_attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, causal: bool,

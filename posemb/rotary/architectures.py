@@ -37,6 +37,9 @@ class Architecture:
     mrope: for M-RoPE text rotaries (positions (3, batch, seq)), ``(interleaved, default
         mrope_section)``: whether the model interleaves the T/H/W pairs, and the section its rotary
         uses when ``rope_parameters`` has no ``mrope_section``.
+    default_full_width: the model's own ``compute_default_rope_parameters`` (used for ``rope_type
+        "default"`` instead of transformers' shared one) rotates the whole head, ignoring a
+        ``partial_rotary_factor`` in the rope dict (which only its other types read).
     """
 
     layout: str
@@ -45,6 +48,7 @@ class Architecture:
     layer_thetas: Mapping[str, tuple[str, float, bool]] = field(default_factory=dict)
     no_rope: str | None = None
     mrope: tuple[bool, tuple[int, int, int]] | None = None
+    default_full_width: bool = False
 
 
 def _group(model_types: str, architecture: Architecture) -> dict[str, Architecture]:
@@ -90,6 +94,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "modernbert-decoder": Architecture("half", _HALF_EVIDENCE, layer_thetas=_MODERNBERT_THETAS),
     "exaone4": Architecture("half", _HALF_EVIDENCE + "; Exaone4Attention rotates only sliding layers when "
                             "sliding_window is set (is_sliding)", no_rope="sliding_when_windowed"),
+    # rope_type "default" through the model's own compute_default_rope_parameters: dim = head_dim, the
+    # layer's partial_rotary_factor (Gemma 4's proportional full-attention layers carry 0.25) is not read
+    **_group("gemma4 gemma4_text gemma4_unified gemma4_unified_text lfm3", Architecture(
+        "half", _HALF_EVIDENCE + "; <Model>TextRotaryEmbedding.compute_default_rope_parameters: dim = head_dim "
+        "(gemma4/modeling_gemma4.py, lfm3/modeling_lfm3.py)", default_full_width=True)),
     # adjacent pairs (2i, 2i+1) although the config says nothing about layout
     **_group("gptj codegen", Architecture("interleaved", "gptj/modeling_gptj.py: rotate_every_two "
                                           "(x[..., ::2], x[..., 1::2]); codegen/modeling_codegen.py the same")),

@@ -344,6 +344,8 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
         if proportion is not None:
             scaling["partial_rotary_factor"] = proportion
         partial_rotary_factor = 1.0
+    elif rope_type == "default" and arch is not None and arch.default_full_width:
+        partial_rotary_factor = 1.0  # the model's own default init ignores the fraction (architectures.py)
     else:
         partial_rotary_factor = _partial_rotary_factor(rope, reader, model_type, head_dim)
     rotary_dim = int(head_dim * partial_rotary_factor)

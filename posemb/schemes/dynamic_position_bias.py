@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from posemb._validation import check_bool, check_heads, check_int, check_width
 from posemb.functional.distance_bias import bias_from_distances, signed_log_distance
+from posemb.kernels.flex import distance_score_mod
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -65,6 +66,12 @@ class DynamicPositionBias(PositionalScheme):
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         return bias_from_distances(self.distance_bias, q_positions, k_positions)
+
+    def score_mod(self, q_positions: Tensor, k_positions: Tensor):
+        """A FlexAttention ``score_mod`` adding this bias: ``distance_bias`` once per distance in the
+        positions' range, read per pair (:func:`posemb.kernels.flex.distance_score_mod`); gradients
+        reach the parameters through the captured table."""
+        return distance_score_mod(self.distance_bias, q_positions, k_positions)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, hidden={self.hidden}, depth={self.depth}, "

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from posemb._validation import check_bool, check_choice, check_float, check_heads
 from posemb.functional.distance_bias import KERPLE_KERNELS, bias_from_distances, inverse_softplus, kerple_bias
+from posemb.kernels.flex import distance_score_mod
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -59,6 +60,12 @@ class Kerple(PositionalScheme):
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         return bias_from_distances(self.distance_bias, q_positions, k_positions)
+
+    def score_mod(self, q_positions: Tensor, k_positions: Tensor):
+        """A FlexAttention ``score_mod`` adding this bias: ``distance_bias`` once per distance in the
+        positions' range, read per pair (:func:`posemb.kernels.flex.distance_score_mod`); gradients
+        reach the parameters through the captured table."""
+        return distance_score_mod(self.distance_bias, q_positions, k_positions)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, kernel={self.kernel!r}, causal={self.causal}"

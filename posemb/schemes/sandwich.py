@@ -6,6 +6,7 @@ from torch import Tensor
 
 from posemb._validation import check_bool, check_even, check_float, check_heads
 from posemb.functional.distance_bias import bias_from_distances, sandwich_bias
+from posemb.kernels.flex import distance_score_mod
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -46,6 +47,11 @@ class Sandwich(PositionalScheme):
 
     def score_bias(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         return bias_from_distances(self.distance_bias, q_positions, k_positions)
+
+    def score_mod(self, q_positions: Tensor, k_positions: Tensor):
+        """A FlexAttention ``score_mod`` adding this bias: ``distance_bias`` once per distance in the
+        positions' range, read per pair (:func:`posemb.kernels.flex.distance_score_mod`)."""
+        return distance_score_mod(self.distance_bias, q_positions, k_positions)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, sandwich_dim={self.sandwich_dim}, base={self.base}"
