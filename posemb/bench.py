@@ -48,17 +48,32 @@ SECTIONS = ("rope", "relative", "bias", "train")
 
 
 # ---- measuring ------------------------------------------------------------------------------------
-def time_interleaved(functions: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured in ``repeats`` interleaved rounds."""
-    for function in functions.values():
-        for _ in range(warmup):
+def time_interleaved(functions: dict[str, Callable[..., Any]], repeats: int, warmup: int = 1,
+                     prepare: dict[str, Callable[[], Any]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in ``repeats`` interleaved rounds.
+
+    ``prepare`` (optional, by name): called before each call of that function, outside the timing;
+    its result is the function's one argument (fresh inputs a call consumes, e.g. a tensor it
+    rotates in place)."""
+    prepare = prepare or {}
+
+    def call(name, function):
+        if name not in prepare:
+            start = time.perf_counter()
             function()
+            return time.perf_counter() - start
+        argument = prepare[name]()
+        start = time.perf_counter()
+        function(argument)
+        return time.perf_counter() - start
+
+    for name, function in functions.items():
+        for _ in range(warmup):
+            call(name, function)
     times: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(call(name, function))
     return times
 
 
@@ -235,7 +250,107 @@ def _bench_rope(quick: bool, repeats: int, compiled: bool) -> dict[str, Any]:
                              "x_floor": round(median / floor, 3), "x_alloc_copy": round(median / alloc, 3),
                              "x_posemb_inplace": round(median / inplace, 3)})
             rows[-1]["max_abs_diff_vs_transformers"] = max_diff
-    return {"rows": rows, "notes": notes, "compiled": compiled_info}
+    model_rows = _rope_model_step_rows(shapes, dtypes, repeats, notes)
+    return {"rows": rows, "model_rows": model_rows, "notes": notes, "compiled": compiled_info}
+
+
+#: The model-step rows of the rope section (impl names; the table and the targets read them).
+ROPE_STEP_NONE = "no rotation (views + autograd)"
+ROPE_STEP_FLOOR = "copy floor (q, k and their grads)"
+ROPE_STEP_ROTATE = "rope.rotate (q, k views)"
+ROPE_STEP_PACKED = "rope.rotate_qkv_ (packed, in place)"
+
+
+def _rope_model_step_rows(shapes, dtypes, repeats: int, notes: list[str]) -> list[dict[str, Any]]:
+    """RoPE as the model runs it, forward and backward, next to a copy floor, in one interleaved run.
+
+    Inputs are built the way ``posemb.model.attention.MultiHeadAttention.forward`` builds them: a
+    packed projection output ``qkv`` (batch, seq, 3 * heads * head_dim) that requires grad (here a
+    fresh ``clone()`` of a leaf per call, made outside the timing, so an in-place rotation has a
+    non-leaf to work on), viewed as ``qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)`` and unbound
+    into q, k, v: non-contiguous views, rows ``3 H D`` apart. Each timed call is the forward plus
+    ``torch.autograd.grad`` of (q, k) after the rotation with fixed gradients, down to the leaf.
+
+    * ``rope.rotate``: ``posemb.build("rope").rotate(q, k, positions, positions)`` on the views;
+    * ``rope.rotate_qkv_``: the packed in-place path the model takes for plain RoPE
+      (``rotates_packed``; ``grad_inplace=True`` as the model passes it), before the views;
+    * ``no rotation``: the same views and backward with no rotation (the unbind's backward stacks
+      the gradients into one qkv-sized tensor, which the model pays with any scheme);
+    * the floor: ``copy_`` of q and k (the same strided views) into preallocated buffers plus
+      ``copy_`` of their two gradients into preallocated buffers, without autograd.
+
+    ``rotation_ms`` = a row's median minus the no-rotation median (what RoPE adds to attention's
+    forward and backward); ``x_floor`` = rotation_ms / the floor's median. Whatever ``rotate`` and
+    ``rotate_qkv_`` do (fused kernels, in place, shared tables) is what these rows measure.
+    """
+    import posemb
+    from posemb.functional.rope import apply_rotary as reference_rotary
+    from posemb.functional.rope import rotary_cos_sin
+
+    rows = []
+    for shape in shapes:
+        batch, heads, length, head_dim = shape
+        rope = posemb.build("rope", head_dim=head_dim)
+        # What TransformerLM passes every layer: one arange expanded over the batch.
+        positions = torch.arange(length)[None].expand(batch, length)
+        for dtype in dtypes:
+            generator = torch.Generator().manual_seed(1)
+            leaf = torch.randn(batch, length, 3 * heads * head_dim, generator=generator).to(dtype).requires_grad_()
+            grad_q, grad_k = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+
+            def views(qkv):
+                q, k, _ = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+                return q, k
+
+            def backward(q, k):
+                return torch.autograd.grad((q, k), (leaf,), (grad_q, grad_k))
+
+            def no_rotation(qkv):
+                return backward(*views(qkv))
+
+            def rotate(qkv):
+                q, k = views(qkv)
+                return backward(*rope.rotate(q, k, positions, positions))
+
+            def packed(qkv):
+                return backward(*views(rope.rotate_qkv_(qkv, positions, heads=heads, grad_inplace=True)))
+
+            detached_q, detached_k = views(leaf.detach())
+            buffers = [torch.empty(shape, dtype=dtype) for _ in range(4)]
+
+            def floor():
+                buffers[0].copy_(detached_q), buffers[1].copy_(detached_k)
+                buffers[2].copy_(grad_q), buffers[3].copy_(grad_k)
+
+            functions: dict[str, Callable[..., Any]] = {ROPE_STEP_FLOOR: floor, ROPE_STEP_NONE: no_rotation,
+                                                         ROPE_STEP_ROTATE: rotate}
+            if rope.rotates_packed:
+                functions[ROPE_STEP_PACKED] = packed
+            prepare = {name: (lambda: leaf.clone()) for name in functions if name != ROPE_STEP_FLOOR}
+            # Agreement (outside the timing): both paths' forward against posemb's plain formula in
+            # float64 on the same (dtype-rounded) inputs; bf16 differs by its own rounding (~1e-2).
+            where = f"{_shape_text(shape)} {str(dtype).replace('torch.', '')}"
+            inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+            cos, sin = rotary_cos_sin(positions[:1].double(), inv_freq)
+            q64, k64 = (t.double() for t in views(leaf.detach()))
+            expected = (reference_rotary(q64, cos, sin), reference_rotary(k64, cos, sin))
+            got = rope.rotate(*views(leaf.detach().clone()), positions, positions)
+            diffs = [f"rotate {max(float((g.double() - e).abs().max()) for g, e in zip(got, expected)):.1e}"]
+            if rope.rotates_packed:
+                got = views(rope.rotate_qkv_(leaf.detach().clone(), positions, heads=heads))
+                diffs.append(f"rotate_qkv_ {max(float((g.double() - e).abs().max()) for g, e in zip(got, expected)):.1e}")
+            notes.append(f"model step {where}: max |posemb - float64 formula| forward: {', '.join(diffs)}")
+            times = time_interleaved(functions, repeats, prepare=prepare)
+            floor_ms = _median_ms(times[ROPE_STEP_FLOOR])
+            none_ms = _median_ms(times[ROPE_STEP_NONE])
+            for name, seconds in times.items():
+                median = _median_ms(seconds)
+                rotation = median - none_ms if name in (ROPE_STEP_ROTATE, ROPE_STEP_PACKED) else None
+                rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
+                             "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
+                             "rotation_ms": None if rotation is None else round(rotation, 3),
+                             "x_floor": None if rotation is None else round(rotation / floor_ms, 3)})
+    return rows
 
 
 # ---- relative attention (content site) -------------------------------------------------------------
@@ -446,6 +561,120 @@ def bench_train(quick: bool, repeats: int) -> dict[str, Any]:
                      "x_xtransformers_tokens_per_s": (round(reference[scheme] / median, 3)
                                                       if scheme in reference else None)})
     return {"rows": rows, "notes": notes}
+
+
+# ---- training step of every registered scheme ------------------------------------------------------
+#: The step section's model: ``posemb.TransformerLM(STEP_MODEL["vocab_size"], dim, depth, heads)``.
+STEP_MODEL = {"vocab_size": 256, "dim": 256, "depth": 2, "heads": 4}
+#: (timed length, peak-memory length): full run, and ``--quick``.
+STEP_LENGTHS = {"full": (2048, 4096), "quick": (64, 128)}
+#: Timed rounds when ``--repeats`` is not given: every round runs one step of every scheme, about
+#: 40-70 s on 2 busy cores at 2048 tokens, so the section keeps to a few rounds.
+STEP_REPEATS = 3
+#: Schemes whose defaults cannot run the step as is: ``name -> (options for a memory length, why)``.
+#: Every other registered scheme runs with its defaults, so a new scheme is covered without an edit.
+STEP_OPTIONS: dict[str, tuple[Callable[[int], dict[str, Any]], str]] = {
+    "learned": (lambda length: {"max_positions": length},
+                "its table holds max_positions=1024 rows by default (beyond them: an error); "
+                "the step needs one per position up to the memory length"),
+}
+#: Schemes the step leaves out: ``name -> why`` (listed in the table, the notes and the targets).
+STEP_SKIPPED: dict[str, str] = {}
+
+
+def _train_step(model, optimizer, batch: torch.Tensor) -> torch.Tensor:
+    """One language-model training step on ``batch`` (batch, length + 1): next-token cross-entropy,
+    backward, AdamW step, gradients cleared. Returns the loss (detached)."""
+    logits = model(batch[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def bench_step(quick: bool, repeats: int | None) -> dict[str, Any]:
+    """Training step (forward + backward + AdamW) of ``TransformerLM(256, 256, 2, 4)`` with every
+    registered scheme on one sequence, time and peak memory, each as a ratio to NoPE's in this run.
+
+    One model per scheme, built after ``torch.manual_seed(0)``, one AdamW each, the same tokens for
+    all. Two warm-up steps per scheme (the first also checks that the step runs), then
+    ``repeats`` interleaved rounds of one step per scheme at the timed length. Then, in the same
+    order, the peak memory (``peak_memory_bytes``) of one step at the memory length, on the same
+    model and optimizer (the AdamW state exists already, so the figure is the step's own
+    activations, gradients and temporaries). A scheme that fails to build or to step is reported
+    with its error, never dropped.
+    """
+    import posemb
+
+    time_length, memory_length = STEP_LENGTHS["quick" if quick else "full"]
+    repeats = repeats or STEP_REPEATS
+    vocab = STEP_MODEL["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, memory_length + 1), generator=torch.Generator().manual_seed(0))
+    short = tokens[:, :time_length + 1].contiguous()
+    notes: list[str] = []
+    failed: dict[str, str] = {}
+    skipped = {name: reason for name, reason in STEP_SKIPPED.items() if name in posemb.available()}
+    runs: dict[str, dict[str, Any]] = {}
+    for name in posemb.available():
+        if name in skipped:
+            continue
+        options, why = (STEP_OPTIONS[name][0](memory_length), STEP_OPTIONS[name][1]) if name in STEP_OPTIONS \
+            else ({}, None)
+        try:
+            torch.manual_seed(0)
+            model = posemb.TransformerLM(vocab, STEP_MODEL["dim"], STEP_MODEL["depth"], STEP_MODEL["heads"],
+                                         scheme=name, **options)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            first_loss = float(_train_step(model, optimizer, short))  # warm-up 1, and the check that it runs
+        except Exception as error:  # reported as a failed scheme (table, notes, a NOT met target)
+            failed[name] = f"{type(error).__name__}: {error}"
+            continue
+        runs[name] = {"model": model, "optimizer": optimizer, "options": options, "why": why,
+                      "first_loss": first_loss}
+        if why:
+            notes.append(f"{name}: options {options} ({why})")
+        if model.position_layout != "batch seq":
+            notes.append(f"{name}: reads {model.position_axes} coordinates per token ({model.position_layout}); "
+                         f"TransformerLM's default positions give every axis the token index (t = h = w)")
+    if "nope" not in runs:
+        raise RuntimeError(f"the step section's baseline, nope, did not run: "
+                           f"{failed.get('nope') or skipped.get('nope') or 'not registered'}")
+
+    def stepper(run, batch):
+        return lambda: _train_step(run["model"], run["optimizer"], batch)
+
+    times = time_interleaved({name: stepper(run, short) for name, run in runs.items()}, repeats, warmup=1)
+    memory: dict[str, int | None] = {}
+    for name, run in list(runs.items()):
+        try:
+            memory[name] = peak_memory_bytes(stepper(run, tokens))
+        except Exception as error:
+            failed[name] = f"memory step at {memory_length} tokens: {type(error).__name__}: {error}"
+            memory[name] = None
+    base_time = statistics.median(times["nope"])
+    base_memory = memory["nope"]
+    rows = []
+    for name, run in runs.items():
+        median = statistics.median(times[name])
+        peak = memory[name]
+        model = run["model"]
+        rows.append({"scheme": name, "site": "input" if model.input_scheme is not None else
+                     ("none" if not model.schemes else model.schemes[0].site),
+                     "options": {key: repr(value) for key, value in run["options"].items()},
+                     "parameters": sum(p.numel() for p in model.parameters()),
+                     "time_length": time_length, "memory_length": memory_length, "dtype": "float32",
+                     "first_loss": round(run["first_loss"], 4),
+                     "median_step_ms": round(median * 1e3, 2), "step_times_ms": [round(t * 1e3, 2) for t in times[name]],
+                     "x_nope_time": round(median / base_time, 3),
+                     "peak_mib": None if peak is None else round(peak / 2 ** 20, 1),
+                     "x_nope_memory": None if not (peak and base_memory) else round(peak / base_memory, 3)})
+    for name, reason in skipped.items():
+        notes.append(f"{name}: skipped ({reason})")
+    for name, reason in failed.items():
+        notes.append(f"{name}: FAILED ({reason})")
+    return {"rows": rows, "skipped": skipped, "failed": failed, "notes": notes, "repeats": repeats,
+            "model": dict(STEP_MODEL), "batch": 1, "time_length": time_length, "memory_length": memory_length}
 
 
 # ---- targets, table, JSON --------------------------------------------------------------------------

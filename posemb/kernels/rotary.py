@@ -129,10 +129,23 @@ class _Rotary(torch.autograd.Function):
 
 # ---- packed q|k|v projections, rotated in place ---------------------------------------------------
 def _packed_qk(packed: Tensor, heads: int) -> tuple[Tensor, Tensor]:
-    """q and k of a packed projection as (batch, heads, seq, head_dim) views (unit channel stride)."""
+    """q and k of a packed projection as token-major views (batch * seq, heads, 1, head_dim).
+
+    The kernels walk their (B, H, L, D) input row by row in that order; the (batch, heads, seq,
+    head_dim) view of a packed projection has its rows 3 * heads * head_dim apart along the
+    sequence, so that order would jump a page per row (measured 5-14x the copy floor). Seen as
+    batch * seq "batches" of one position each, the rows are visited in memory order, and the
+    tables become (batch * seq, 1, r/2) (:func:`_token_tables`)."""
     batch, length = packed.shape[0], packed.shape[1]
     five = packed.view(batch, length, 3, heads, -1)
-    return five[:, :, 0].transpose(1, 2), five[:, :, 1].transpose(1, 2)
+    return (five[:, :, 0].reshape(batch * length, heads, 1, -1),
+            five[:, :, 1].reshape(batch * length, heads, 1, -1))
+
+
+def _token_tables(table: Tensor, batch: int) -> Tensor:
+    """(batch or 1, seq, r/2) -> (batch * seq, 1, r/2), contiguous (a copy of a table, not of x)."""
+    length, half = table.shape[1], table.shape[2]
+    return table.expand(batch, length, half).reshape(batch * length, 1, half).contiguous()
 
 
 class _PackedRotary(torch.autograd.Function):
@@ -210,16 +223,21 @@ def apply_rotary_qkv_(qkv: Tensor, cos_q: Tensor, sin_q: Tensor, cos_k: Tensor |
         raise ValueError("cos_k and sin_k must be given together (or both left out to reuse cos_q/sin_q)")
     if cos_k is None:
         cos_k, sin_k = cos_q, sin_q
-    q, k = _packed_qk(qkv, heads)
-    _check_tables("q", q, "cos_q", cos_q, "sin_q", sin_q)
-    _check_tables("k", k, "cos_k", cos_k, "sin_k", sin_k)
+    batch, length = qkv.shape[0], qkv.shape[1]
+    head_dim = qkv.shape[-1] if qkv.dim() == 5 else qkv.shape[-1] // (3 * heads)
+    view = qkv.view(batch, length, 3, heads, head_dim)
+    _check_tables("q", view[:, :, 0].transpose(1, 2), "cos_q", cos_q, "sin_q", sin_q)
+    _check_tables("k", view[:, :, 1].transpose(1, 2), "cos_k", cos_k, "sin_k", sin_k)
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__} ({interleaved!r})")
     backend = _resolve_backend("qkv", qkv, backend, interleaved)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (cos_q, sin_q, cos_k, sin_k)):
         raise ValueError("apply_rotary_qkv_ does not differentiate through cos/sin; use apply_rotary_qk, whose "
                          "reference path does")
-    cos_q, sin_q, cos_k, sin_k = (t.contiguous() for t in (cos_q, sin_q, cos_k, sin_k))
+    shared = cos_k is cos_q and sin_k is sin_q
+    cos_q, sin_q = _token_tables(cos_q, batch), _token_tables(sin_q, batch)
+    cos_k, sin_k = (cos_q, sin_q) if shared else (_token_tables(cos_k, batch), _token_tables(sin_k, batch))
+    q, k = _packed_qk(qkv, heads)
     if torch.is_grad_enabled() and qkv.requires_grad:
         return _PackedRotary.apply(qkv, cos_q, sin_q, cos_k, sin_k, heads, interleaved, 1.0, backend,
                                    grad_inplace)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from posemb._validation import check_float, check_heads, check_tensor, check_width
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
+from posemb.schemes.rope import PositionsMemo, _shared_rows
 
 
 @register("pope")
@@ -47,16 +48,38 @@ class PoPE(PositionalScheme):
         self.register_constant("inv_freq64", base ** (-torch.arange(head_dim, dtype=torch.float64, device="cpu")
                                                       / head_dim))
         self.phase_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self._tables_memo = PositionsMemo()
 
     def key_phase_bias(self) -> Tensor:
         """``delta`` (heads, d), clamped to [-2 pi, 0] (x-transformers' clamp)."""
         return self.phase_bias.clamp(-2.0 * math.pi, 0.0)
 
     def _cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of ``p theta_c`` as (batch, 1, seq, d) float64 (float64 on the CPU for MPS)."""
+        """cos and sin of ``p theta_c`` as (batch, 1, seq, d) float64 (float64 on the CPU for MPS);
+        (1, 1, seq, d) when the rows of ``positions`` are one row expanded."""
+        positions = _shared_rows(positions)
         device = torch.device("cpu") if positions.device.type == "mps" else positions.device
         angles = positions.to(device=device, dtype=torch.float64)[:, None, :, None] * self.constant("inv_freq64", device)
         return angles.cos(), angles.sin()
+
+    def _position_tables(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, ...]:
+        """``(cos_q, sin_q, cos_k, sin_k)`` in the working dtype on q's device, made once per forward:
+        every layer receives the same positions object and shares this instance (PositionsMemo)."""
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32  # softplus of bf16 loses the magnitude
+
+        def compute() -> tuple[Tensor, ...]:
+            cos_q, sin_q = (t.to(device=q.device, dtype=work) for t in self._cos_sin(q_positions))
+            if k_positions is q_positions:
+                return cos_q, sin_q, cos_q, sin_q
+            cos_k, sin_k = (t.to(device=q.device, dtype=work) for t in self._cos_sin(k_positions))
+            return cos_q, sin_q, cos_k, sin_k
+
+        return self._tables_memo.get((q_positions, k_positions), (work, q.device), compute)
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self._tables_memo.clear()
+        return result
 
     def rotate(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor) -> tuple[Tensor, Tensor]:
         for name, x in (("q", q), ("k", k)):
@@ -65,8 +88,7 @@ class PoPE(PositionalScheme):
                 raise ValueError(f"{name} must be (batch, heads={self.num_heads}, seq, head_dim={self.head_dim}), "
                                  f"got {tuple(x.shape)}")
         work = torch.float64 if q.dtype == torch.float64 else torch.float32  # softplus of bf16 loses the magnitude
-        cos_q, sin_q = (t.to(device=q.device, dtype=work) for t in self._cos_sin(q_positions))
-        cos_k, sin_k = (t.to(device=k.device, dtype=work) for t in self._cos_sin(k_positions))
+        cos_q, sin_q, cos_k, sin_k = self._position_tables(q, q_positions, k_positions)
         delta = self.key_phase_bias().to(device=k.device, dtype=work)[None, :, None, :]
         cos_d, sin_d = delta.cos(), delta.sin()
         magnitude_q = F.softplus(q.to(work))

@@ -78,6 +78,36 @@ def _cos_sin_direct(positions: Tensor, inv_freq64: Tensor, scale: float | Tensor
     return cos.to(device=device, dtype=dtype), sin.to(device=device, dtype=dtype)
 
 
+class PositionsMemo:
+    """The result of the last computation made from some positions tensors, reused while the same
+    tensor objects come back unchanged: a model hands one ``positions`` object to every layer, and
+    a scheme shared by the layers then builds its tables once per forward (one host sync at most)
+    instead of once per layer.
+
+    Keyed on the identity of the tensors (weak references: the memo keeps nothing alive, and a
+    new tensor at a recycled address is a different key), their version counters (an in-place
+    change of the positions invalidates it) and an ``extra`` key (dtype, device). Nothing is
+    memoised under ``torch.compile`` tracing or for inference-mode tensors (they have no version
+    counter)."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def get(self, tensors: tuple[Tensor, ...], extra: tuple, compute):
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return compute()
+        key = (extra, tuple(t._version for t in tensors))
+        entry = self._entry
+        if entry is not None and entry[1] == key and all(ref() is t for ref, t in zip(entry[0], tensors)):
+            return entry[2]
+        value = compute()
+        self._entry = (tuple(weakref.ref(t) for t in tensors), key, value)
+        return value
+
+
 def _shared_rows(positions: Tensor) -> Tensor:
     """``positions[:1]`` when every row is the same memory (``expand``ed, batch stride 0), else
     ``positions``: the rows are then equal without looking at a value (no host sync)."""
@@ -172,8 +202,8 @@ class RoPE(PositionalScheme):
         self._dynamic_memo: dict[int, tuple[tuple[float, ...], float]] = {}
         self._cos_table: Tensor | None = None
         self._sin_table: Tensor | None = None
-        #: (weakref q_positions, weakref k_positions, key, tables) of the last call (_rotation_tables)
-        self._tables_memo: tuple | None = None
+        #: the last call's tables, keyed on its positions tensors (_rotation_tables)
+        self._tables_memo = PositionsMemo()
         #: instance attribute (the base class has a class default): raw keys are cached when the
         #: rotation depends on the whole context.
         self.caches_rotated_keys = rope_type not in CONTEXT_DEPENDENT_TYPES
@@ -255,7 +285,7 @@ class RoPE(PositionalScheme):
         if self.rope_type == "longrope":
             self.long_inv_freq64 = torch.tensor(self._long_inv_freq_values, dtype=torch.float64, device=device)
         self._cos_table = self._sin_table = None
-        self._tables_memo = None
+        self._tables_memo.clear()
         return result
 
     # ---- cos / sin ---------------------------------------------------------------------------
@@ -355,16 +385,8 @@ class RoPE(PositionalScheme):
         counters (an in-place change of the positions invalidates it), the compute dtype and the
         device; ``_apply`` (``.to``, ``.half``) clears it."""
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        memoisable = not (torch.compiler.is_compiling() or q_positions.is_inference() or k_positions.is_inference())
-        if memoisable:
-            key = (dtype, q.device, q_positions._version, k_positions._version)
-            memo = self._tables_memo
-            if memo is not None and memo[0]() is q_positions and memo[1]() is k_positions and memo[2] == key:
-                return memo[3]
-        tables = self._compute_rotation_tables(q, q_positions, k_positions)
-        if memoisable:
-            self._tables_memo = (weakref.ref(q_positions), weakref.ref(k_positions), key, tables)
-        return tables
+        return self._tables_memo.get((q_positions, k_positions), (dtype, q.device),
+                                     lambda: self._compute_rotation_tables(q, q_positions, k_positions))
 
     def _compute_rotation_tables(self, q: Tensor, q_positions: Tensor,
                                  k_positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

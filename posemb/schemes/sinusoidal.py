@@ -7,6 +7,7 @@ from posemb._validation import check_even, check_float, check_tensor, check_widt
 from posemb.functional.sinusoidal import sinusoidal_table
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
+from posemb.schemes.rope import _shared_rows
 
 
 @register("sinusoidal")
@@ -40,7 +41,8 @@ class Sinusoidal(PositionalScheme):
         check_tensor("positions", positions, ndim=2, integer=True)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
-        return x + self.scale * sinusoidal_table(positions, self.dim, self.base, dtype=x.dtype)
+        # Expanded rows (the model's default positions): one row of the table, broadcast over the batch.
+        return x + self.scale * sinusoidal_table(_shared_rows(positions), self.dim, self.base, dtype=x.dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, base={self.base}, scale={self.scale:.4g}"
