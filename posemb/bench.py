@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from posemb.lab.checkpoint import atomic_write_bytes
 from posemb.lab.outdir import check_writable_file
 
-SECTIONS = ("rope", "relative", "bias", "train")
+SECTIONS = ("rope", "relative", "bias", "train", "step")
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -255,7 +255,6 @@ def _bench_rope(quick: bool, repeats: int, compiled: bool) -> dict[str, Any]:
 
 
 #: The model-step rows of the rope section (impl names; the table and the targets read them).
-ROPE_STEP_NONE = "no rotation (views + autograd)"
 ROPE_STEP_FLOOR = "copy floor (q, k and their grads)"
 ROPE_STEP_ROTATE = "rope.rotate (q, k views)"
 ROPE_STEP_PACKED = "rope.rotate_qkv_ (packed, in place)"
@@ -265,25 +264,29 @@ def _rope_model_step_rows(shapes, dtypes, repeats: int, notes: list[str]) -> lis
     """RoPE as the model runs it, forward and backward, next to a copy floor, in one interleaved run.
 
     Inputs are built the way ``posemb.model.attention.MultiHeadAttention.forward`` builds them: a
-    packed projection output ``qkv`` (batch, seq, 3 * heads * head_dim) that requires grad (here a
-    fresh ``clone()`` of a leaf per call, made outside the timing, so an in-place rotation has a
-    non-leaf to work on), viewed as ``qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)`` and unbound
-    into q, k, v: non-contiguous views, rows ``3 H D`` apart. Each timed call is the forward plus
-    ``torch.autograd.grad`` of (q, k) after the rotation with fixed gradients, down to the leaf.
+    packed projection output ``qkv`` (batch, seq, 3 * heads * head_dim) that requires grad (a fresh
+    ``clone()`` of a leaf per call, made outside the timing, so an in-place rotation has a non-leaf
+    of its own), viewed as ``qkv.view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)`` and unbound into
+    q, k, v: non-contiguous views, rows ``3 H D`` apart. A timed call is the rotation's forward plus
+    ``torch.autograd.grad`` from fixed output gradients down to the rotation's inputs, captured as
+    gradient edges before it ran (``torch.autograd.graph.get_gradient_edge``), so the backward
+    stops there: nothing of the projection's or the unbind's backward is timed.
 
-    * ``rope.rotate``: ``posemb.build("rope").rotate(q, k, positions, positions)`` on the views;
+    * ``rope.rotate``: ``posemb.build("rope").rotate(q, k, positions, positions)`` on the views,
+      gradients of both outputs down to q and k;
     * ``rope.rotate_qkv_``: the packed in-place path the model takes for plain RoPE
-      (``rotates_packed``; ``grad_inplace=True`` as the model passes it), before the views;
-    * ``no rotation``: the same views and backward with no rotation (the unbind's backward stacks
-      the gradients into one qkv-sized tensor, which the model pays with any scheme);
+      (``rotates_packed``; ``grad_inplace=True`` as the model passes it) on ``qkv``, gradient of
+      the rotated ``qkv`` (a fresh one per call, since the backward may rotate it in place) down
+      to ``qkv`` before the rotation;
     * the floor: ``copy_`` of q and k (the same strided views) into preallocated buffers plus
-      ``copy_`` of their two gradients into preallocated buffers, without autograd.
+      ``copy_`` of two (batch, heads, seq, head_dim) gradients into preallocated buffers.
 
-    ``rotation_ms`` = a row's median minus the no-rotation median (what RoPE adds to attention's
-    forward and backward); ``x_floor`` = rotation_ms / the floor's median. Whatever ``rotate`` and
-    ``rotate_qkv_`` do (fused kernels, in place, shared tables) is what these rows measure.
+    ``x_floor`` = a row's median / the floor's. Whatever ``rotate`` and ``rotate_qkv_`` do
+    (fused kernels, in place, shared tables) is what these rows measure.
     """
     import posemb
+    from torch.autograd.graph import get_gradient_edge
+
     from posemb.functional.rope import apply_rotary as reference_rotary
     from posemb.functional.rope import rotary_cos_sin
 
@@ -297,23 +300,22 @@ def _rope_model_step_rows(shapes, dtypes, repeats: int, notes: list[str]) -> lis
             generator = torch.Generator().manual_seed(1)
             leaf = torch.randn(batch, length, 3 * heads * head_dim, generator=generator).to(dtype).requires_grad_()
             grad_q, grad_k = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+            grad_qkv = torch.randn(leaf.shape, generator=generator).to(dtype)
 
             def views(qkv):
                 q, k, _ = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
                 return q, k
 
-            def backward(q, k):
-                return torch.autograd.grad((q, k), (leaf,), (grad_q, grad_k))
-
-            def no_rotation(qkv):
-                return backward(*views(qkv))
-
             def rotate(qkv):
                 q, k = views(qkv)
-                return backward(*rope.rotate(q, k, positions, positions))
+                edges = (get_gradient_edge(q), get_gradient_edge(k))
+                return torch.autograd.grad(rope.rotate(q, k, positions, positions), edges, (grad_q, grad_k))
 
-            def packed(qkv):
-                return backward(*views(rope.rotate_qkv_(qkv, positions, heads=heads, grad_inplace=True)))
+            def packed(inputs):
+                qkv, grad = inputs
+                edge = get_gradient_edge(qkv)
+                rotated = rope.rotate_qkv_(qkv, positions, heads=heads, grad_inplace=True)
+                return torch.autograd.grad(rotated, edge, grad)
 
             detached_q, detached_k = views(leaf.detach())
             buffers = [torch.empty(shape, dtype=dtype) for _ in range(4)]
@@ -322,34 +324,38 @@ def _rope_model_step_rows(shapes, dtypes, repeats: int, notes: list[str]) -> lis
                 buffers[0].copy_(detached_q), buffers[1].copy_(detached_k)
                 buffers[2].copy_(grad_q), buffers[3].copy_(grad_k)
 
-            functions: dict[str, Callable[..., Any]] = {ROPE_STEP_FLOOR: floor, ROPE_STEP_NONE: no_rotation,
-                                                         ROPE_STEP_ROTATE: rotate}
+            functions: dict[str, Callable[..., Any]] = {ROPE_STEP_FLOOR: floor, ROPE_STEP_ROTATE: rotate}
+            prepare: dict[str, Callable[[], Any]] = {ROPE_STEP_ROTATE: leaf.clone}
             if rope.rotates_packed:
                 functions[ROPE_STEP_PACKED] = packed
-            prepare = {name: (lambda: leaf.clone()) for name in functions if name != ROPE_STEP_FLOOR}
-            # Agreement (outside the timing): both paths' forward against posemb's plain formula in
-            # float64 on the same (dtype-rounded) inputs; bf16 differs by its own rounding (~1e-2).
+                prepare[ROPE_STEP_PACKED] = lambda: (leaf.clone(), grad_qkv.clone())
+            # Agreement (outside the timing): both paths against posemb's plain formula in float64
+            # on the same (dtype-rounded) inputs, forward and gradient; bf16 is off by its rounding.
             where = f"{_shape_text(shape)} {str(dtype).replace('torch.', '')}"
             inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-            cos, sin = rotary_cos_sin(positions[:1].double(), inv_freq)
+            cos, sin = rotary_cos_sin(positions[:1], inv_freq, dtype=torch.float64)
             q64, k64 = (t.double() for t in views(leaf.detach()))
-            expected = (reference_rotary(q64, cos, sin), reference_rotary(k64, cos, sin))
-            got = rope.rotate(*views(leaf.detach().clone()), positions, positions)
-            diffs = [f"rotate {max(float((g.double() - e).abs().max()) for g, e in zip(got, expected)):.1e}"]
+            expected = (reference_rotary(q64, cos, sin), reference_rotary(k64, cos, sin),
+                        reference_rotary(grad_q.double(), cos, -sin), reference_rotary(grad_k.double(), cos, -sin))
+            qkv = leaf.detach().clone().requires_grad_()
+            q, k = views(qkv)
+            got = rope.rotate(q, k, positions, positions)
+            got = (*got, *torch.autograd.grad(got, (q, k), (grad_q, grad_k)))
+            diffs = [f"rotate {max(float((g.detach().double() - e).abs().max()) for g, e in zip(got, expected)):.1e}"]
             if rope.rotates_packed:
-                got = views(rope.rotate_qkv_(leaf.detach().clone(), positions, heads=heads))
-                diffs.append(f"rotate_qkv_ {max(float((g.double() - e).abs().max()) for g, e in zip(got, expected)):.1e}")
-            notes.append(f"model step {where}: max |posemb - float64 formula| forward: {', '.join(diffs)}")
+                qkv = leaf.detach().clone().requires_grad_()
+                rotated = rope.rotate_qkv_(qkv * 1, positions, heads=heads)
+                (grad,) = torch.autograd.grad(views(rotated), qkv, (grad_q, grad_k))
+                got = (*views(rotated.detach()), *views(grad))
+                diffs.append(f"rotate_qkv_ {max(float((g.detach().double() - e).abs().max()) for g, e in zip(got, expected)):.1e}")
+            notes.append(f"model step {where}: max |posemb - float64 formula|, outputs and gradients: {', '.join(diffs)}")
             times = time_interleaved(functions, repeats, prepare=prepare)
             floor_ms = _median_ms(times[ROPE_STEP_FLOOR])
-            none_ms = _median_ms(times[ROPE_STEP_NONE])
             for name, seconds in times.items():
                 median = _median_ms(seconds)
-                rotation = median - none_ms if name in (ROPE_STEP_ROTATE, ROPE_STEP_PACKED) else None
                 rows.append({"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "impl": name,
                              "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
-                             "rotation_ms": None if rotation is None else round(rotation, 3),
-                             "x_floor": None if rotation is None else round(rotation / floor_ms, 3)})
+                             "x_floor": round(median / floor_ms, 3)})
     return rows
 
 
@@ -401,6 +407,109 @@ def _relative_schemes(dim: int, heads: int):
             "deberta": posemb.build("deberta", dim=dim, num_heads=heads)}
 
 
+#: Content-site schemes of the newer-schemes issue, measured forward and forward + backward at one
+#: length against causal SDPA (their own rows: causal only, no naive (L, L, d) form in the paper).
+NEWER_CONTENT_SCHEMES = ("fire", "forgetting", "cope")
+
+
+def _newer_content_schemes(heads: int, head_dim: int) -> dict[str, Any]:
+    """fire, forgetting and cope with non-trivial parameters (their initial ones make the gate
+    constant and CoPE's term zero, which would hide a wrong block assembly)."""
+    import posemb
+
+    schemes = {"fire": posemb.build("fire", num_heads=heads),
+               "forgetting": posemb.build("forgetting", head_dim=head_dim, num_heads=heads),
+               "cope": posemb.build("cope", head_dim=head_dim, num_heads=heads)}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        schemes["forgetting"].gate_weight.copy_(0.1 * torch.randn(heads, head_dim, generator=generator))
+        schemes["cope"].position_embedding.copy_(0.5 * torch.randn(schemes["cope"].npos, head_dim,
+                                                                   generator=generator))
+    return schemes
+
+
+def _dense_content_reference(scheme, q, k, v, positions) -> torch.Tensor:
+    """Causal attention with the scheme's whole (L, L) term, in float64, from each paper's formula:
+
+    * FIRE (Li et al. 2023): ``softmax(q k^T / sqrt(d) + b(i, j))``, ``b`` the scheme's own
+      ``fire_bias`` (the MLP of the normalised distance) for all pairs at once;
+    * forgetting gate (Lin et al. 2025): ``+ D_ij = c_i - c_j``, ``c`` the cumulative sum of
+      ``log sigmoid(w_h . k_t + b_h)`` (the scheme's ``log_forget_gates``);
+    * CoPE (Golovneva et al. 2024, eq. 3-5): ``p_ij = sum_{t=j..i} sigmoid(q_i . k_t / sqrt(d))``
+      clamped to ``npos - 1``, ``+ (1 - w) q_i . e[floor p] + w q_i . e[ceil p]``, ``w = p - floor p``.
+    """
+    from posemb.model.attention import causal_mask
+
+    q, k, v = q.double(), k.double(), v.double()
+    length = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    visible = causal_mask(length, length, q.device)
+    if scheme.name == "fire":
+        scores = scores + scheme.fire_bias(positions, positions).double()
+    elif scheme.name == "forgetting":
+        cumulative = scheme.log_forget_gates(k).double().cumsum(-1)
+        scores = scores + cumulative[..., :, None] - cumulative[..., None, :]
+    elif scheme.name == "cope":
+        gates = torch.sigmoid(scores).masked_fill(~visible, 0.0)
+        contextual = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=scheme.npos - 1)
+        low = contextual.floor()
+        weight = contextual - low
+        per_position = q @ scheme.position_embedding.double().T                      # (B, H, L, npos)
+        low_logits = per_position.gather(-1, low.long())
+        high_logits = per_position.gather(-1, contextual.ceil().long())
+        scores = scores + (1 - weight) * low_logits + weight * high_logits
+    else:
+        raise ValueError(f"no dense reference for scheme {scheme.name!r}")
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs @ v
+
+
+def _causal_rows(entries: dict[str, tuple[Any, str]], length: int, heads: int, head_dim: int,
+                 repeats: int) -> list[dict[str, Any]]:
+    """Forward (no grad) and forward + backward of ``attend`` against causal SDPA at one length
+    (B=1, fp32), interleaved per mode. ``entries``: row label -> (scheme, ``bias_path``); rows with
+    ``x_sdpa_causal``. The same q, k, v (seed 0) and output gradient for every entry."""
+    from posemb.model.attention import attend
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
+    grad = torch.randn(1, heads, length, head_dim, generator=generator)
+    positions = torch.arange(length)[None]
+
+    def forward(scheme=None, path="auto"):
+        def run():
+            with torch.no_grad():
+                if scheme is None:
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return attend(q, k, v, scheme, positions, positions, causal=True, bias_path=path)
+        return run
+
+    def forward_backward(scheme=None, path="auto"):
+        def run():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            if scheme is None:
+                out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
+            else:
+                out = attend(qq, kk, vv, scheme, positions, positions, causal=True, bias_path=path)
+            out.backward(grad)
+            if scheme is not None:
+                scheme.zero_grad(set_to_none=True)
+        return run
+
+    rows = []
+    for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
+        functions = {"plain SDPA (causal)": make()}
+        functions.update({label: make(scheme, path) for label, (scheme, path) in entries.items()})
+        times = time_interleaved(functions, repeats)
+        base = _median_ms(times["plain SDPA (causal)"])
+        for name, seconds in times.items():
+            median = _median_ms(seconds)
+            rows.append({"mode": mode, "length": length, "shape": [1, heads, length, head_dim], "dtype": "float32",
+                         "impl": name, "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
+                         "x_sdpa_causal": round(median / base, 3)})
+    return rows
+
+
 def bench_relative(quick: bool, repeats: int) -> dict[str, Any]:
     from posemb.model.attention import attend
 
@@ -438,10 +547,28 @@ def bench_relative(quick: bool, repeats: int) -> dict[str, Any]:
                          "x_sdpa_time": round(median / base_time, 3),
                          "peak_mib": None if peak is None else round(peak / 2 ** 20, 2),
                          "x_sdpa_memory": None if not (peak and base_memory) else round(peak / base_memory, 2)})
-    return {"rows": rows, "notes": notes}
+    # The newer content-site schemes: forward and forward + backward against causal SDPA, and
+    # agreement with their dense float64 forms at the naive length.
+    newer = _newer_content_schemes(heads, head_dim)
+    causal_length = 256 if quick else 2048
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, naive_length, head_dim, generator=generator) for _ in range(3))
+    positions = torch.arange(naive_length)[None]
+    with torch.no_grad():
+        for name, scheme in newer.items():
+            fast = attend(q, k, v, scheme, positions, positions, causal=True)
+            dense = _dense_content_reference(scheme, q, k, v, positions)
+            notes.append(f"{name}: max |posemb - dense float64| = {float((fast.double() - dense).abs().max()):.2e} "
+                         f"at L={naive_length}")
+    causal_rows = _causal_rows({f"{name} (posemb)": (scheme, "auto") for name, scheme in newer.items()},
+                               causal_length, heads, head_dim, repeats)
+    return {"rows": rows, "causal_rows": causal_rows, "notes": notes}
 
 
 # ---- bias site (T5, ALiBi) ------------------------------------------------------------------------
+#: Bias-site schemes of the newer-schemes issue, timed on the automatic path next to T5 and ALiBi.
+NEWER_BIAS_SCHEMES = ("kerple", "sandwich", "dynamic_position_bias")
+
 def bench_bias(quick: bool, repeats: int) -> dict[str, Any]:
     import posemb
     from posemb.model.attention import attend
@@ -451,49 +578,25 @@ def bench_bias(quick: bool, repeats: int) -> dict[str, Any]:
     t5 = posemb.build("t5", num_heads=heads)
     torch.nn.init.normal_(t5.bias.weight)
     alibi = posemb.build("alibi", num_heads=heads)
+    # The newer bias schemes (defaults; DPB's MLP is randomly initialised at build, seed 0), on the
+    # automatic path only, their dense form checked below.
+    torch.manual_seed(0)
+    newer = {name: posemb.build(name, num_heads=heads) for name in NEWER_BIAS_SCHEMES}
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
-    grad = torch.randn(1, heads, length, head_dim, generator=generator)
     positions = torch.arange(length)[None]
-    rows, notes = [], []
-    for name, scheme in (("t5", t5), ("alibi", alibi)):
+    notes = []
+    for name, scheme in (("t5", t5), ("alibi", alibi), *newer.items()):
         with torch.no_grad():
             fast = attend(q, k, v, scheme, positions, positions, causal=True)
             dense = attend(q, k, v, scheme, positions, positions, causal=True, bias_path="dense")
         notes.append(f"{name}: max |auto - dense| = {float((fast - dense).abs().max()):.2e}")
-
-    def forward(scheme=None, path="auto"):
-        def run():
-            with torch.no_grad():
-                if scheme is None:
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                return attend(q, k, v, scheme, positions, positions, causal=True, bias_path=path)
-        return run
-
-    def forward_backward(scheme=None, path="auto"):
-        def run():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            if scheme is None:
-                out = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
-            else:
-                out = attend(qq, kk, vv, scheme, positions, positions, causal=True, bias_path=path)
-            out.backward(grad)
-            if scheme is not None:
-                scheme.zero_grad(set_to_none=True)
-        return run
-
-    for mode, make in (("forward", forward), ("forward+backward", forward_backward)):
-        functions = {"plain SDPA (causal)": make()}
-        for name, scheme in (("t5", t5), ("alibi", alibi)):
-            functions[f"{name} (posemb auto)"] = make(scheme)
-            functions[f"{name} (dense bias, reference)"] = make(scheme, "dense")
-        times = time_interleaved(functions, repeats)
-        base = _median_ms(times["plain SDPA (causal)"])
-        for name, seconds in times.items():
-            median = _median_ms(seconds)
-            rows.append({"mode": mode, "length": length, "shape": [1, heads, length, head_dim], "dtype": "float32",
-                         "impl": name, "median_ms": round(median, 3), "times_ms": [round(t * 1e3, 3) for t in seconds],
-                         "x_sdpa_causal": round(median / base, 3)})
+    entries = {}
+    for name, scheme in (("t5", t5), ("alibi", alibi)):
+        entries[f"{name} (posemb auto)"] = (scheme, "auto")
+        entries[f"{name} (dense bias, reference)"] = (scheme, "dense")
+    entries.update({f"{name} (posemb auto)": (scheme, "auto") for name, scheme in newer.items()})
+    rows = _causal_rows(entries, length, heads, head_dim, repeats)
     return {"rows": rows, "notes": notes}
 
 
@@ -598,7 +701,8 @@ def bench_step(quick: bool, repeats: int | None) -> dict[str, Any]:
     registered scheme on one sequence, time and peak memory, each as a ratio to NoPE's in this run.
 
     One model per scheme, built after ``torch.manual_seed(0)``, one AdamW each, the same tokens for
-    all. Two warm-up steps per scheme (the first also checks that the step runs), then
+    all. Two warm-up steps per scheme (the first also checks that the step runs; ``quick``: only
+    that one), then
     ``repeats`` interleaved rounds of one step per scheme at the timed length. Then, in the same
     order, the peak memory (``peak_memory_bytes``) of one step at the memory length, on the same
     model and optimizer (the AdamW state exists already, so the figure is the step's own
@@ -644,7 +748,9 @@ def bench_step(quick: bool, repeats: int | None) -> dict[str, Any]:
     def stepper(run, batch):
         return lambda: _train_step(run["model"], run["optimizer"], batch)
 
-    times = time_interleaved({name: stepper(run, short) for name, run in runs.items()}, repeats, warmup=1)
+    # The check step above was warm-up 1; a second one (full runs only: quick keeps CI fast).
+    times = time_interleaved({name: stepper(run, short) for name, run in runs.items()}, repeats,
+                             warmup=0 if quick else 1)
     memory: dict[str, int | None] = {}
     for name, run in list(runs.items()):
         try:
@@ -681,8 +787,9 @@ def bench_step(quick: bool, repeats: int | None) -> dict[str, Any]:
 def _targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
 
-    def add(name, value, comparison, bound, detail):
-        met = None if value is None else (value <= bound if comparison == "<=" else value >= bound)
+    def add(name, value, comparison, bound, detail, met=None):
+        if value is not None:  # ``met`` given: a verdict without a value (a scheme that failed)
+            met = value <= bound if comparison == "<=" else value >= bound
         targets.append({"name": name, "value": None if value is None else round(value, 3),
                         "target": f"{comparison} {bound}", "met": met, "detail": detail})
 
@@ -712,23 +819,49 @@ def _targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
             row, path = best(impls, "posemb out of place")
             add(f"rope out of place / (alloc + copy), {where}", row["x_alloc_copy"], "<=", 1.0,
                 f"one allocation plus copy; {path} path")
+        for row in rope.get("model_rows", []):
+            if row["impl"] != ROPE_STEP_FLOOR:
+                add(f"rope model step {row['impl'].split(' (')[0]} / floor, {_shape_text(row['shape'])} {row['dtype']}",
+                    row["x_floor"], "<=", 1.3, "forward + backward as attention runs it; floor: copy_ of q, k "
+                    "and of their two gradients")
     relative = sections.get("relative")
     if relative:
         longest = max(row["length"] for row in relative["rows"])
         for row in relative["rows"]:
             if row["length"] == longest and row["impl"].endswith("(posemb)"):
                 add(f"{row['impl']} peak memory / SDPA, L={longest}", row["x_sdpa_memory"], "<=", 2.0, "forward, no grad")
+                add(f"{row['impl']} time / SDPA, L={longest}", row["x_sdpa_time"], "<=", 1.5, "forward, no grad")
+        for row in relative.get("causal_rows", []):
+            if row["mode"] == "forward" and row["impl"].endswith("(posemb)"):
+                add(f"{row['impl']} time / causal SDPA, L={row['length']}", row["x_sdpa_causal"], "<=", 1.5,
+                    "forward, no grad; the content site's bound (stated at L=4096 for shaw/transformer_xl/deberta)")
     bias = sections.get("bias")
     if bias:
         for row in bias["rows"]:
             if row["mode"] == "forward" and row["impl"].endswith("(posemb auto)"):
                 add(f"{row['impl']} time / causal SDPA, L={row['length']}", row["x_sdpa_causal"], "<=", 1.3, "forward")
+            if row["mode"] == "forward+backward" and row["impl"].endswith("(posemb auto)"):
+                add(f"{row['impl']} fwd+bwd / causal SDPA, L={row['length']}", row["x_sdpa_causal"], "<=", 1.25,
+                    "forward + backward")
     train = sections.get("train")
     if train:
         for row in train["rows"]:
             if row["impl"].startswith("posemb") and row["x_xtransformers_tokens_per_s"] is not None:
-                add(f"{row['impl']} tokens/s / x-transformers", row["x_xtransformers_tokens_per_s"], ">=", 1.0,
+                add(f"{row['impl']} tokens/s / x-transformers", row["x_xtransformers_tokens_per_s"], ">=", 1.3,
                     f"dim {row['dim']}, depth {row['depth']}, batch {row['batch']}x{row['length']}")
+    step = sections.get("step")
+    if step:
+        by_scheme = {row["scheme"]: row for row in step["rows"]}
+        for name in sorted(set(by_scheme) | set(step["failed"]) | set(step["skipped"])):
+            if name == "nope":
+                continue  # the baseline: 1.0 by definition
+            row = by_scheme.get(name, {})
+            failed, skipped = step["failed"].get(name), step["skipped"].get(name)
+            why = f"; FAILED: {failed}" if failed else f"; skipped: {skipped}" if skipped else ""
+            add(f"step {name} time / nope, L={step['time_length']}", row.get("x_nope_time"), "<=", 1.5,
+                f"forward + backward + AdamW{why}", met=False if failed else None)
+            add(f"step {name} peak memory / nope, L={step['memory_length']}", row.get("x_nope_memory"), "<=", 1.5,
+                f"one step{why}", met=False if failed else None)
     return targets
 
 
@@ -742,6 +875,14 @@ def format_table(results: dict[str, Any]) -> str:
         for row in sections["rope"]["rows"]:
             lines.append(f"{_shape_text(row['shape']):<18}{row['dtype']:<10}{row['impl']:<42}{row['median_ms']:>10.2f}"
                          f"{row['x_floor']:>9.2f}{row['x_alloc_copy']:>9.2f}")
+    if sections.get("rope", {}).get("model_rows"):
+        lines.append("\nRoPE model step: forward + backward on attention's q, k views of a packed projection (median ms)")
+        lines.append("  (backward down to the rotation's inputs; floor = copy_ of q and k into buffers + copy_ of "
+                     "their two gradients)")
+        lines.append(f"{'shape':<18}{'dtype':<10}{'implementation':<42}{'ms':>10}{'x floor':>9}")
+        for row in sections["rope"]["model_rows"]:
+            lines.append(f"{_shape_text(row['shape']):<18}{row['dtype']:<10}{row['impl']:<42}{row['median_ms']:>10.2f}"
+                         f"{row['x_floor']:>9.2f}")
     if "relative" in sections:
         lines.append("\nRelative attention, content site, forward, no grad (B=1, H=8, d=64, causal, fp32)")
         lines.append(f"{'L':<7}{'implementation':<32}{'ms':>10}{'x SDPA':>9}{'peak MiB':>10}{'x SDPA mem':>12}")
@@ -750,6 +891,12 @@ def format_table(results: dict[str, Any]) -> str:
             ratio = "n/a" if row["x_sdpa_memory"] is None else f"{row['x_sdpa_memory']:.2f}"
             lines.append(f"{row['length']:<7}{row['impl']:<32}{row['median_ms']:>10.1f}{row['x_sdpa_time']:>9.2f}"
                          f"{peak:>10}{ratio:>12}")
+    if sections.get("relative", {}).get("causal_rows"):
+        lines.append("\nNewer content-site schemes against causal SDPA (B=1, H=8, d=64, fp32)")
+        lines.append(f"{'mode':<18}{'L':<7}{'implementation':<34}{'ms':>10}{'x causal SDPA':>15}")
+        for row in sections["relative"]["causal_rows"]:
+            lines.append(f"{row['mode']:<18}{row['length']:<7}{row['impl']:<34}{row['median_ms']:>10.1f}"
+                         f"{row['x_sdpa_causal']:>15.2f}")
     if "bias" in sections:
         lines.append("\nBias site (B=1, H=8, d=64, causal, fp32)")
         lines.append(f"{'mode':<18}{'L':<7}{'implementation':<34}{'ms':>10}{'x causal SDPA':>15}")
@@ -763,6 +910,23 @@ def format_table(results: dict[str, Any]) -> str:
             ratio = "" if row["x_xtransformers_tokens_per_s"] is None else f"{row['x_xtransformers_tokens_per_s']:.2f}"
             lines.append(f"{row['impl']:<34}{row['parameters']:>10}{row['median_step_ms']:>10.1f}"
                          f"{row['tokens_per_s']:>11.0f}{ratio:>18}")
+    if "step" in sections:
+        step = sections["step"]
+        model = step["model"]
+        lines.append(f"\nTraining step, every registered scheme: TransformerLM(vocab {model['vocab_size']}, dim "
+                     f"{model['dim']}, depth {model['depth']}, heads {model['heads']}), forward + backward + AdamW, "
+                     f"one sequence, fp32; time at {step['time_length']} tokens (median of {step['repeats']}), "
+                     f"peak memory of one step at {step['memory_length']}")
+        lines.append(f"{'scheme':<24}{'site':<10}{'params':>10}{'step ms':>11}{'x nope':>8}{'peak MiB':>10}"
+                     f"{'x nope mem':>12}")
+        for row in sorted(step["rows"], key=lambda row: row["x_nope_time"]):
+            peak = "n/a" if row["peak_mib"] is None else f"{row['peak_mib']:.1f}"
+            ratio = "n/a" if row["x_nope_memory"] is None else f"{row['x_nope_memory']:.2f}"
+            lines.append(f"{row['scheme']:<24}{row['site']:<10}{row['parameters']:>10}{row['median_step_ms']:>11.1f}"
+                         f"{row['x_nope_time']:>8.2f}{peak:>10}{ratio:>12}")
+        for name, reason in {**step["skipped"], **step["failed"]}.items():
+            label = "skipped" if name in step["skipped"] else "FAILED"
+            lines.append(f"{name:<24}{label}: {reason}")
     for name, section in sections.items():
         for note in section.get("notes", []):
             lines.append(f"note ({name}): {note}")
@@ -781,6 +945,7 @@ def run(sections: list[str], *, quick: bool = False, repeats: int | None = None,
     """Run the chosen sections and return the results (what ``--output`` writes as JSON)."""
     from posemb import __version__
 
+    given = repeats
     repeats = repeats or (5 if quick else 7)
     runners = {"rope": bench_rope, "relative": bench_relative, "bias": bench_bias, "train": bench_train}
     started = time.perf_counter()
@@ -792,13 +957,17 @@ def run(sections: list[str], *, quick: bool = False, repeats: int | None = None,
     for section in sections:
         if section == "rope":
             results["sections"][section] = bench_rope(quick, repeats, compiled=compiled)
+        elif section == "step":  # its own default: every round is one step of every scheme
+            results["sections"][section] = bench_step(quick, given)
         else:
             results["sections"][section] = runners[section](quick, repeats)
     results["targets"] = _targets(results["sections"])
     if quick:
         # The targets are stated for the full shapes; quick shapes are too small to judge them.
+        # A scheme that failed stays NOT met.
         for target in results["targets"]:
-            target["met"] = None
+            if target["value"] is not None:
+                target["met"] = None
             target["detail"] += "; quick shapes: indicative only, rerun without --quick"
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results

@@ -147,6 +147,15 @@ def _check_case(model_type: str, cls, config, layer_type, raw: dict, label: str)
 MODEL_TYPES = zoo.rotary_model_types()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The cases are tiny (2x2x6 heads): thread start-up and contention cost more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _walk(model_type: str, cls, config, raw: dict, label: str) -> None:
     for layer_type in zoo.layer_types_of(cls, config):
         outcome = _check_case(model_type, cls, config, layer_type, raw, label)
