@@ -605,7 +605,7 @@ def format_table(results: dict) -> str:
                   "", "| scheme | step ms | tokens/s | x NoPE time | peak MiB | x NoPE memory | first step s |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {row['scheme']} | {_fmt(row['steady_step_ms'], 1)} | {row['steady_tokens_per_s']:,.0f} "
-                  f"| {_fmt(row.get('x_nope_step_time'), 2)} | {_fmt(row['peak_memory_MiB'], 0)} "
+                  f"| {_fmt(row.get('x_nope_step_time'), 2)} | {'-' if row['peak_memory_MiB'] is None else format(row['peak_memory_MiB'], ',.0f')} "
                   f"| {_fmt(row.get('x_nope_peak_memory'), 2)} | {_fmt(row['first_step_s'], 1)} |" for row in train["rows"]]
     study = steps.get("study_full", {})
     if study.get("runs"):

@@ -9,13 +9,21 @@ Sections (``--sections``, default all):
   twice: the eager chunked path (``posemb in place`` ...) and, unless ``--no-compiled``, the
   optional compiled one-pass kernel (``... (compiled)``), which the section builds or loads first
   (timed separately; a build takes tens of seconds once per machine). Targets use the faster of
-  the two and say which.
+  the two and say which. Then the "model step" rows: ``posemb.build("rope")``'s ``rotate`` and
+  packed ``rotate_qkv_`` forward and backward on q, k as attention makes them (views of a packed
+  projection that requires grad), against copying q, k and their gradients.
 * ``relative``: Shaw, Transformer-XL and DeBERTa attention (the content site, forward, no grad):
   time and peak memory against plain causal SDPA and against a naive version that materialises
-  the (Lq, Lk, head_dim) relative tensors.
-* ``bias``: T5 and ALiBi attention (posemb's automatic path and the dense reference) against plain
+  the (Lq, Lk, head_dim) relative tensors; FIRE, forgetting gate and CoPE forward and forward +
+  backward against causal SDPA, checked against their dense float64 forms.
+* ``bias``: T5 and ALiBi attention (posemb's automatic path and the dense reference), Kerple,
+  Sandwich and dynamic position bias (automatic path, checked against the dense one) against plain
   causal SDPA, forward and forward + backward.
 * ``train``: training tokens/s of ``posemb.TransformerLM`` against x-transformers at the same size.
+* ``step``: one training step (forward + backward + AdamW) of ``TransformerLM(256, 256, 2, 4)``
+  with every registered scheme (``posemb.available()``), time at 2048 tokens and peak memory at
+  4096, as ratios to NoPE's in the same run (``STEP_OPTIONS`` / ``STEP_SKIPPED`` say which schemes
+  get options or are left out, and why).
 
 Method: every implementation of one comparison is timed in the same process, in interleaved
 rounds (so load from other processes hits all of them alike); the table reports medians and
@@ -572,6 +580,7 @@ NEWER_BIAS_SCHEMES = ("kerple", "sandwich", "dynamic_position_bias")
 def bench_bias(quick: bool, repeats: int) -> dict[str, Any]:
     import posemb
     from posemb.model.attention import attend
+    from posemb.registry import build_for_model
 
     heads, head_dim = 8, 64
     length = 512 if quick else 2048
@@ -579,9 +588,11 @@ def bench_bias(quick: bool, repeats: int) -> dict[str, Any]:
     torch.nn.init.normal_(t5.bias.weight)
     alibi = posemb.build("alibi", num_heads=heads)
     # The newer bias schemes (defaults; DPB's MLP is randomly initialised at build, seed 0), on the
-    # automatic path only, their dense form checked below.
+    # automatic path only, their dense form checked below. Built as a model of width H * d would
+    # build them (Sandwich's sinusoid takes the model width).
     torch.manual_seed(0)
-    newer = {name: posemb.build(name, num_heads=heads) for name in NEWER_BIAS_SCHEMES}
+    context = {"dim": heads * head_dim, "num_heads": heads, "head_dim": head_dim, "causal": True}
+    newer = {name: build_for_model(name, context=context, options={}) for name in NEWER_BIAS_SCHEMES}
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(3))
     positions = torch.arange(length)[None]
@@ -1007,8 +1018,12 @@ def add_parser(subparsers) -> None:
         description=__doc__.split("\n\n")[0] + " Prints a table and writes JSON with the ratios.")
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (what CI runs)")
     parser.add_argument("--sections", type=_sections_argument, default=list(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default 7; quick 5)")
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all). step trains "
+                             "every registered scheme: about 8-10 minutes on 2 busy CPU cores, under a minute "
+                             "with --quick")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed rounds per comparison (default 7, quick 5; step: {STEP_REPEATS}, one round "
+                             "is a step of every scheme)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
     parser.add_argument("--no-compiled", action="store_true",
                         help="rope: do not build/load the optional compiled CPU kernel (eager rows only)")

@@ -52,6 +52,7 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_step(tmp_path):
     """What CI can run: the wrapper starts, every step's imports and arguments are checked, every GPU
     step is skipped for want of CUDA, and both files are written."""
@@ -146,6 +147,7 @@ def test_only_runs_the_named_steps(gpu_check, tmp_path):
     assert list(results["steps"]) == ["environment", "study_full"]
 
 
+@pytest.mark.slow
 def test_every_measuring_step_runs_on_the_cpu_target(gpu_check, tmp_path, monkeypatch):
     """The GPU steps' own code, on the CPU back ends at toy sizes (``Target.cpu_smoke``): what would
     break in the minutes a GPU is lent breaks here first. Only the device, back ends and sizes differ."""

@@ -538,3 +538,19 @@ def test_mrope_configs_give_an_mrope_with_the_models_section_and_pairing():
     with pytest.raises(ValueError, match="mrope_section: refused"):
         from_hf_config({**qwen2, "model_type": "llama", "rope_parameters": {"rope_theta": 1e6,
                                                                              "mrope_section": [8, 12, 12]}})
+
+
+def test_default_rope_of_gemma4_and_lfm3_ignores_partial_rotary_factor_like_their_own_init():
+    """Gemma 4 / LFM3 build rope_type "default" with their own compute_default_rope_parameters (dim = head_dim);
+    their other types, and every other model's default, read partial_rotary_factor (checked against the
+    models by tests/test_hf_zoo.py's rope_type variants)."""
+    def rotary_dim(model_type, rope_type, **extra):
+        config = {"model_type": model_type, "head_dim": 64, "max_position_embeddings": 256,
+                  "rope_parameters": {"rope_type": rope_type, "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                      **extra}}
+        return rope_parameters_from_hf_config(config)["rotary_dim"]
+
+    assert rotary_dim("lfm3", "default") == 64
+    assert rotary_dim("gemma4_text", "default") == 64
+    assert rotary_dim("lfm3", "linear", factor=2.0) == 32
+    assert rotary_dim("llama", "default") == 32

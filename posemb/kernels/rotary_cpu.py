@@ -72,15 +72,16 @@ def _complex_view(x: Tensor, rotary: int) -> Tensor | None:
 
 
 def _rotate_pairs_inplace(x1: Tensor, x2: Tensor, cos: Tensor, sin: Tensor, sign: float) -> None:
-    """Rotate the pair halves ``x1``, ``x2`` (same dtype as cos/sin) in place. x1 is overwritten
-    first, so x1*sin goes to a chunk-sized scratch (it stays in cache); four passes:
-    ``sc = x1 s;  x1 = x1 c - x2 s;  x2 = sc + x2 c`` (signs flipped for the inverse)."""
+    """Rotate the pair halves ``x1``, ``x2`` (same dtype as cos/sin) in place, with exactly the
+    operations of the out-of-place path (``y1 = mul(x1, c).addcmul_(x2, s, -sign)``, ``y2 =
+    mul(x2, c).addcmul_(x1, s, sign)``), so in place and out of place agree bit for bit (addcmul
+    may fuse a multiply-add, so any other order rounds differently; the model's in-place training
+    path must equal the out-of-place rotation, e.g. a text-only M-RoPE model equals RoPE exactly).
+    y1 goes to a chunk-sized scratch (in cache) until x1 is no longer read; five passes."""
     scratch = _scratch_buffer("pair", x1.numel(), x1.dtype).view(x1.shape)
-    torch.mul(x1, sin, out=scratch)
-    x1.mul_(cos).addcmul_(x2, sin, value=-sign)
-    if sign < 0:
-        scratch.neg_()
-    torch.addcmul(scratch, x2, cos, out=x2)
+    torch.mul(x1, cos, out=scratch).addcmul_(x2, sin, value=-sign)
+    x2.mul_(cos).addcmul_(x1, sin, value=sign)
+    x1.copy_(scratch)
 
 
 def _rotate_chunk(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor, rotary: int, interleaved: bool,

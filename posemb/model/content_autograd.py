@@ -41,7 +41,14 @@ def content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme,
                       k_positions: Tensor, *, causal: bool) -> Tensor:
     """Content-site attention (batch, heads, Lq, value_dim) whose backward recomputes (see the module).
 
-    Gradients reach q, k, v and every parameter of ``scheme`` that requires grad."""
+    Gradients reach q, k, v and every parameter of ``scheme`` that requires grad. The backward calls
+    the scheme's hooks again, after the forward has returned: inside ``torch.func.functional_call``
+    (parameters swapped for plain tensors, restored before the backward) that would differentiate
+    the wrong tensors, so there the plain autograd path runs instead."""
+    if not all(isinstance(p, torch.nn.Parameter) for p in scheme.parameters()):
+        state = scheme.prepare_relative(q, k, q_positions, k_positions)
+        return _attention._content_rows(q, k, v, scheme, q_positions, k_positions, causal,
+                                        {} if state is None else {"state": state})
     params = tuple(p for p in scheme.parameters() if p.requires_grad)
     return _ContentAttention.apply(q, k, v, q_positions, k_positions, scheme, causal, *params)
 
