@@ -202,3 +202,16 @@ def test_pope_polar_function_matches_plain_autograd():
     xb = x.detach().bfloat16()
     torch.testing.assert_close(_Polar.apply(xb, cos.detach().float(), sin.detach().float(), torch.float32),
                                _polar_reference(xb, cos.detach().float(), sin.detach().float(), torch.float32))
+
+
+def test_training_after_inference_mode_evaluation_reuses_no_inference_buffer():
+    """Evaluation under torch.inference_mode, then a training step: the CPU kernel's scratch
+    buffers must not be inference tensors outside inference mode (a RuntimeError before)."""
+    import posemb as _posemb
+    model = _posemb.TransformerLM(256, 64, 1, 4, scheme="rope")
+    tokens = torch.randint(0, 256, (2, 600))
+    with torch.inference_mode():
+        expected = model(tokens)
+    logits = model(tokens)
+    logits.float().sum().backward()
+    torch.testing.assert_close(logits.detach(), expected)

@@ -43,7 +43,9 @@ _scratch = threading.local()
 
 def _scratch_buffer(name: str, numel: int, dtype: torch.dtype) -> Tensor:
     """A per-thread reusable flat buffer: a fresh multi-MiB ``empty`` would page-fault every call."""
-    key = (name, dtype)
+    # A buffer made under torch.inference_mode is an inference tensor, which may not be written
+    # outside it (and the reverse holds for version counters): one buffer per mode.
+    key = (name, dtype, torch.is_inference_mode_enabled())
     cache = getattr(_scratch, "buffers", None)
     if cache is None:
         cache = _scratch.buffers = {}
