@@ -2,7 +2,8 @@
 
 Usage: python bench/step.py [--quick] [--threads N] [--repeats N] [--output FILE]
 (the same as ``posemb bench --sections step ...``; see posemb/bench.py for the method; the full run
-takes about 8-10 minutes on 2 busy CPU cores, --quick well under a minute).
+takes about 2.5 minutes on 2 quiet CPU cores, far longer on an oversubscribed machine; --quick
+well under a minute).
 """
 import os
 import sys

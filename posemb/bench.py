@@ -682,8 +682,9 @@ def bench_train(quick: bool, repeats: int) -> dict[str, Any]:
 STEP_MODEL = {"vocab_size": 256, "dim": 256, "depth": 2, "heads": 4}
 #: (timed length, peak-memory length): full run, and ``--quick``.
 STEP_LENGTHS = {"full": (2048, 4096), "quick": (64, 128)}
-#: Timed rounds when ``--repeats`` is not given: every round runs one step of every scheme, about
-#: 40-70 s on 2 busy cores at 2048 tokens, so the section keeps to a few rounds.
+#: Timed rounds when ``--repeats`` is not given: every round runs one step of every scheme (about
+#: 25 s on 2 quiet cores at 2048 tokens, several minutes on an oversubscribed machine), so the
+#: section keeps to a few rounds.
 STEP_REPEATS = 3
 #: Schemes whose defaults cannot run the step as is: ``name -> (options for a memory length, why)``.
 #: Every other registered scheme runs with its defaults, so a new scheme is covered without an edit.
@@ -1019,8 +1020,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, under a minute (what CI runs)")
     parser.add_argument("--sections", type=_sections_argument, default=list(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all). step trains "
-                             "every registered scheme: about 8-10 minutes on 2 busy CPU cores, under a minute "
-                             "with --quick")
+                             "every registered scheme: about 2.5 minutes on 2 quiet CPU cores (30 on an "
+                             "oversubscribed machine), well under a minute with --quick")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed rounds per comparison (default 7, quick 5; step: {STEP_REPEATS}, one round "
                              "is a step of every scheme)")
