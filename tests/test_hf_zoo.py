@@ -32,6 +32,7 @@ import _hf_zoo as zoo  # noqa: E402
 
 from posemb.rotary import architectures, from_hf_config  # noqa: E402
 
+_SECTION_MISFIT = "mrope_section does not fit the rotary width (the model's own rotary fails on it too)"
 #: refusals that follow from a config's content rather than its model type (documented in hf_config)
 RULE_REFUSALS = {
     "'axial' is refused": "2-D vision RoPE (rope_type 'axial')",
@@ -41,6 +42,7 @@ RULE_REFUSALS = {
     "differ across layers": "per_layer_config differs between layers of one type",
     "llama_4_scaling_beta: refused": "llama_4_scaling_beta query scaling (Ministral 3, Mistral 4)",
     "config needs head_dim": "no head size in the config (its rotary is built from a sub-config)",
+    "for contiguous M-RoPE, got": _SECTION_MISFIT,
 }
 # transformers rotates in float32: at position 1000 its angles carry ~1e-4 relative error; a wrong
 # layout, width, sign or base moves the scores by 10-100 %.
@@ -83,6 +85,13 @@ def _expected_frequencies(rope, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return rope.inv_freq64, rope.attention_scale
 
 
+def _assert_model_fails(model_type: str, cls, config, layer_type, where: str) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q = torch.randn(1, 1, 6, head_dim, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="split_with_sizes"):  # torch's error for split sizes that do not sum
+        zoo.model_rotation(model_type, cls, config, layer_type, q, q.clone(), POSITION_SETS["short"][:1])
+
+
 def _check_case(model_type: str, cls, config, layer_type, raw: dict, label: str) -> str:
     """One config (default or a rope_type variant) and one layer type: "agree", or "refused: <reason>"."""
     where = f"{model_type}[{label}, {layer_type}]"
@@ -94,6 +103,8 @@ def _check_case(model_type: str, cls, config, layer_type, raw: dict, label: str)
     except (ValueError, TypeError) as error:
         reason = _refusal_reason(model_type, error)
         assert reason is not None, f"{where}: refused without a documented reason: {error}"
+        if reason == _SECTION_MISFIT:  # only where the model cannot run the config either (GLM-4V defaults)
+            _assert_model_fails(model_type, cls, config, layer_type, where)
         return "refused: " + reason
     except UserWarning as warning:
         raise AssertionError(f"{where}: posemb assumed something: {warning}") from None
@@ -219,3 +230,32 @@ def test_zoo_counts(capsys):
     # every variant was tried on the models that accept it: most agree
     for variant in zoo.ROPE_VARIANTS:
         assert VARIANTS[(variant, "agree")] > 150, f"only {VARIANTS[(variant, 'agree')]} agreeing {variant} cases"
+
+
+#: M-RoPE families whose default configs cannot be checked (GLM-4V's leave out the half-width factor its
+#: mrope_section needs, Qwen3-Omni's give an odd head size), with the shapes of their released checkpoints
+CHECKPOINT_SHAPES = {
+    "glm4v_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}),
+    "glm4v_moe_text": dict(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}),
+    "glm_image_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                            "partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]}),
+    "qwen3_omni_moe_text": dict(head_dim=128, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                               "mrope_section": [24, 20, 20], "interleaved": True}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CHECKPOINT_SHAPES))
+def test_mrope_checkpoint_shapes(model_type):
+    """The M-RoPE entries the default-config walk cannot reach agree on their checkpoints' shapes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.CONFIG_MAPPING[model_type](**CHECKPOINT_SHAPES[model_type])
+        raw = config.to_dict()
+    cls, built_from = zoo.text_rotary_class(model_type, config)
+    assert cls is not None and built_from is config
+    before = COUNTS["M-RoPE (3, B, L) positions agree"]
+    assert _check_case(model_type, cls, config, None, raw, "checkpoint shape") == "agree"
+    assert COUNTS["M-RoPE (3, B, L) positions agree"] == before + 1  # the (3, B, L) check ran
+    assert from_hf_config(config).rotary_dim == (64 if model_type.startswith("glm") else 128)

@@ -82,7 +82,9 @@ def test_text_only_model_equals_the_rope_model_exactly():
                            mrope_model(tokens, positions=positions.expand(3, 2, 12)))
 
 
-@pytest.mark.parametrize("interleaved,section", [(False, (2, 3, 3)), (True, (4, 2, 2)), (False, (0, 4, 4))])
+# (True, (1, 1, 1)): the interleaved rule reads only the height/width counts, extra pairs are temporal
+@pytest.mark.parametrize("interleaved,section", [(False, (2, 3, 3)), (True, (4, 2, 2)), (False, (0, 4, 4)),
+                                                 (True, (1, 1, 1))])
 @pytest.mark.parametrize("layout", ["half", "interleaved"])
 def test_pairs_follow_their_axis_float64(interleaved, section, layout):
     torch.manual_seed(1)
@@ -96,7 +98,7 @@ def test_pairs_follow_their_axis_float64(interleaved, section, layout):
                 for j in range(8)]
     else:  # Qwen2-VL: contiguous sections
         axes = [0] * section[0] + [1] * section[1] + [2] * section[2]
-    assert mrope_pair_axes(section, interleaved=interleaved).tolist() == axes
+    assert mrope_pair_axes(section, interleaved=interleaved, pairs=8).tolist() == axes
     inv_freq = 1000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     got_q, got_k = mrope.rotate(q, k, pos, pos)
     torch.testing.assert_close(got_q, _naive_mrope(q, pos, inv_freq, torch.tensor(axes), layout == "interleaved"),

@@ -16,6 +16,8 @@ Pair-to-axis maps:
 * M-RoPE, interleaved (Qwen3-VL): pair ``j`` follows height when ``j % 3 == 1`` and
   ``j < 3 s_1``, width when ``j % 3 == 2`` and ``j < 3 s_2``, and the temporal axis otherwise
   (``models/qwen3_vl/modeling_qwen3_vl.py``, ``Qwen3VLTextRotaryEmbedding.recomposition_frequencies``).
+  The rule reads only ``s_1`` and ``s_2``, so the head may have more pairs than ``sum(section)``: the
+  extra pairs are temporal (Qwen4-Exp's default config, 128 pairs with section ``[11, 11, 10]``).
 * Axial 2-D (Heo et al. 2024, "Rotary Position Embedding for Vision Transformer", arXiv
   2403.13298, Eq. 11): the first half of the pairs follow the row axis, the second half the column.
 """
@@ -29,13 +31,17 @@ from torch import Tensor
 from posemb._validation import check_bool, check_int
 
 
-def mrope_pair_axes(mrope_section: Sequence[int], *, interleaved: bool = False) -> Tensor:
-    """(P,) long tensor: the axis (0 = temporal, 1 = height, 2 = width) each pair follows,
-    ``P = sum(mrope_section)``. See the module docstring for the two layouts."""
+def mrope_pair_axes(mrope_section: Sequence[int], *, interleaved: bool = False, pairs: int | None = None) -> Tensor:
+    """(P,) long tensor: the axis (0 = temporal, 1 = height, 2 = width) each pair follows.
+    ``P = pairs`` (default ``sum(mrope_section)``); the contiguous layout needs ``P == sum(mrope_section)``,
+    the interleaved one takes any ``P >= 1``. See the module docstring for the two layouts."""
     section = check_mrope_section(mrope_section)
     check_bool("mrope_interleaved", interleaved)
-    pairs = sum(section)
+    pairs = sum(section) if pairs is None else check_int("pairs", pairs, minimum=1)
     if not interleaved:
+        if pairs != sum(section):
+            raise ValueError(f"mrope_section must sum to rotary_dim / 2 = {pairs} (the number of channel pairs) "
+                             f"for contiguous M-RoPE, got {list(section)} (sum {sum(section)})")
         return torch.repeat_interleave(torch.arange(3), torch.tensor(section))
     index = torch.arange(pairs)
     axes = torch.zeros(pairs, dtype=torch.long)

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from posemb._validation import check_choice, check_even, check_int, check_tensor
+from posemb.rotary import architectures
 
 LAYOUTS = ("half", "interleaved")
 PATCH_MODES = ("auto", "cos_sin", "hooks")
@@ -113,12 +114,12 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 #: attention code that rotates differently)
 PATCHABLE_MODEL_TYPES = tuple(_FAMILIES)
 _MROPE_REASON = ("its rotary takes M-RoPE positions (3, batch, seq) split by mrope_section "
-                 "(Qwen2VLRotaryEmbedding / Qwen3VLTextRotaryEmbedding.forward); posemb's MRoPE reproduces that "
-                 "rotary (from_hf_config) but the patched forward of these models is not verified yet")
-#: model types known to call a rotary module that patch_rotary does not replace yet, with the reason
-_NOT_PATCHABLE: dict[str, str] = {name: _MROPE_REASON for name in (
-    "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text", "qwen3_vl", "qwen3_vl_text",
-    "qwen3_vl_moe", "qwen3_vl_moe_text")}
+                 "(e.g. Qwen2VLRotaryEmbedding / Qwen3VLTextRotaryEmbedding.forward); posemb's MRoPE reproduces "
+                 "that rotary (from_hf_config) but the patched forward of these models is not verified yet")
+#: model types known to call a rotary module that patch_rotary does not replace yet, with the reason:
+#: every M-RoPE architecture of posemb.rotary.architectures
+_NOT_PATCHABLE: dict[str, str] = {name: _MROPE_REASON for name, arch in architectures.ARCHITECTURES.items()
+                                  if arch.mrope is not None}
 
 __all__ = ["LAYOUTS", "PATCH_MODES", "PosembRotaryEmbedding", "patch_rotary", "unpatch_rotary",
            "is_patched", "permute_qk_for_layout", "convert_model_layout"]

@@ -144,6 +144,52 @@ ARCHITECTURES: dict[str, Architecture] = {
         "half", "qwen3_vl/modeling_qwen3_vl.py: Qwen3VLTextRotaryEmbedding.recomposition_frequencies, "
         "H at pairs 1::3, W at 2::3 of T, default mrope_section [24, 20, 20]; rotate_half",
         mrope=(True, (24, 20, 20)))),
+    # the same two M-RoPE recompositions in other families (each verified on (3, B, L) positions by the zoo)
+    **_group("qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker", Architecture(
+        "half", "qwen2_5_omni/modeling_qwen2_5_omni.py: Qwen2_5OmniRotaryEmbedding.recomposition_frequencies, "
+        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
+        mrope=(False, (16, 24, 24)))),
+    **_group("paddleocr_vl paddleocr_vl_text", Architecture(
+        "half", "paddleocr_vl/modeling_paddleocr_vl.py: PaddleOCRRotaryEmbedding.recomposition_frequencies, "
+        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
+        mrope=(False, (16, 24, 24)))),
+    # GLM-4V family: contiguous sections; the released checkpoints rotate half the head
+    # (partial_rotary_factor 0.5 with [8, 12, 12]). The default configs leave the factor out, so there
+    # the model's own rotary fails (split sizes summing to 32 of 64 pairs) and posemb refuses.
+    # GLM-4.1V pairs adjacent channels; GLM-4.5V (glm4v_moe) and GLM-Image use the half split.
+    **_group("glm4v glm4v_text", Architecture(
+        "interleaved", "glm4v/modeling_glm4v.py: Glm4vTextRotaryEmbedding.recomposition_frequencies, "
+        "cat(m[i % 3] for m in freq.split(mrope_section)).repeat_interleave(2), default mrope_section "
+        "[8, 12, 12]; rotate_half_llm (x[..., 0::2], x[..., 1::2]) on the leading cos.shape[-1] channels",
+        mrope=(False, (8, 12, 12)))),
+    **_group("glm4v_moe glm4v_moe_text glm_image glm_image_text", Architecture(
+        "half", "glm4v_moe/modeling_glm4v_moe.py (and glm_image): Glm4vMoeTextRotaryEmbedding."
+        "recomposition_frequencies, cat(m[i % 3] for m in freq.split(mrope_section)) then cat([freq, freq]), "
+        "default mrope_section [8, 12, 12]; rotate_half on the leading cos.shape[-1] channels",
+        mrope=(False, (8, 12, 12)))),
+    **_group("cosmos3_edge cosmos3_edge_text", Architecture(
+        "half", "cosmos3_edge/modeling_cosmos3_edge.py: Cosmos3EdgeTextRotaryEmbedding, Qwen3-VL's interleaved "
+        "recomposition (H at pairs 1::3 below 3*s_h, W at 2::3 below 3*s_w), default mrope_section [24, 20, 20]; "
+        "rotate_half", mrope=(True, (24, 20, 20)))),
+    **_group("qwen3_omni_moe qwen3_omni_moe_thinker qwen3_omni_moe_text", Architecture(
+        "half", "qwen3_omni_moe/modeling_qwen3_omni_moe.py: Qwen3OmniMoeThinkerTextRotaryEmbedding, Qwen3-VL's "
+        "interleaved recomposition, default mrope_section [24, 20, 20]; rotate_half", mrope=(True, (24, 20, 20)))),
+    **_group("qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text", Architecture(
+        "half", "qwen3_5/modeling_qwen3_5.py (and qwen3_5_moe): Qwen3_5TextRotaryEmbedding, Qwen3-VL's "
+        "interleaved recomposition, default mrope_section [11, 11, 10]; rotate_half on the leading "
+        "partial_rotary_factor channels", mrope=(True, (11, 11, 10)))),
+    **_group("qwen4_exp qwen4_exp_text", Architecture(
+        "half", "qwen4_exp/modeling_qwen4_exp.py: Qwen4ExpTextRotaryEmbedding, Qwen3-VL's interleaved "
+        "recomposition with default mrope_section [11, 11, 10] over 128 pairs (pairs from 33 on are temporal); "
+        "apply_rotary_pos_emb rotates q[..., :rotary_dim] with rotate_half", mrope=(True, (11, 11, 10)))),
+    **_group("hy_v4_vl hy_v4_vl_text", Architecture(
+        "interleaved", "hy_v4_vl/modeling_hy_v4_vl.py: HYV4VLRotaryEmbedding, Qwen3-VL's interleaved "
+        "recomposition, default mrope_section [24, 20, 20]; rotate_half over x[..., 0::2], x[..., 1::2]",
+        mrope=(True, (24, 20, 20)))),
+    # MiniMax-M3-VL's text rotary is 1-D (no mrope_section anywhere in the model)
+    **_group("minimax_m3_vl minimax_m3_vl_text", Architecture(
+        "half", "minimax_m3_vl/modeling_minimax_m3_vl.py: MiniMaxM3VLRotaryEmbedding.forward (1-D positions), "
+        "apply_rotary_pos_emb with rotate_half on the leading cos.shape[-1] channels")),
     **_group("deepseek_v3 glm4_moe_lite mistral4 youtu axk1",
              Architecture("config", "<model>/modeling_<model>.py: `if self.config.rope_interleave: "
                           "apply_rotary_pos_emb_interleave` else apply_rotary_pos_emb")),
@@ -152,6 +198,10 @@ ARCHITECTURES: dict[str, Architecture] = {
 _MROPE = ("M-RoPE: the text rotary takes (3, batch, seq) temporal/height/width positions split by "
           "mrope_section; posemb's 1-D RoPE would agree on text tokens only and be wrong on image/video tokens")
 _AXIAL = "2-D vision RoPE (rope_type 'axial'): positions are (row, column) pairs, not a 1-D RoPE"
+
+def _refuse(model_types: str, reason: str) -> dict[str, str]:
+    return {name: reason for name in model_types.split()}
+
 
 #: model types posemb refuses, with the reason (``from_hf_config`` raises it; tests/test_hf_zoo.py reads it)
 REFUSED: dict[str, str] = {
@@ -163,14 +213,16 @@ REFUSED: dict[str, str] = {
     "dots3_note_audio_encoder": ("dots3_note/modeling_dots3_note.py holds several attention classes with different "
                                  "apply functions (apply_rotary_pos_emb, apply_rotary_pos_emb_interleave); the "
                                  "audio encoder's pairing is not verified"),
-    **{name: _MROPE for name in """cosmos3_edge cosmos3_edge_text ernie4_5_vl_moe ernie4_5_vl_moe_text glm4v
-        glm4v_text glm4v_moe glm4v_moe_text glm_image glm_image_text hunyuan_vl hunyuan_vl_text hy_v4_vl
-        hy_v4_vl_text qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker
-        qwen3_omni_moe qwen3_omni_moe_thinker
-        qwen3_omni_moe_text qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text paddleocr_vl
-        paddleocr_vl_text minimax_m3_vl minimax_m3_vl_text video_llama_3 glm5_next glm5_next_text
-        kimi_k25 lfm3_vl inkling2 inkling2_text exaone4_5 qwen4_exp qwen4_exp_text
-       """.split()},
+    **_refuse("ernie4_5_vl_moe ernie4_5_vl_moe_text", "ERNIE 4.5 VL has its own M-RoPE layout (ernie4_5_vl_moe/modeling_ernie4_5_vl_moe.py: "
+                             "Ernie4_5_VLMoeTextRotaryEmbedding pre-permutes inv_freq and alternates height/width "
+                             "over the first s_0 + s_1 pairs, temporal last); posemb's MRoPE has the contiguous "
+                             "(Qwen2-VL) and interleaved (Qwen3-VL) layouts only"),
+    **_refuse("hunyuan_vl hunyuan_vl_text", "HunYuan-VL's M-RoPE takes as many axes as mrope_section has entries, each counted in "
+                        "channels (hunyuan_vl/modeling_hunyuan_vl.py: HunYuanVLRotaryEmbedding, split sizes "
+                        "2 * section); posemb's MRoPE has three axes counted in pairs"),
+    **_refuse("glm5_next glm5_next_text inkling2 inkling2_text",
+              "the text model's rotary is not defined in its modeling file (only a vision rotary is): "
+              "posemb cannot verify which rotary and pairing the text stack uses"),
 }
 
 

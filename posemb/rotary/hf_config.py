@@ -60,8 +60,10 @@ ROPE_TYPE_ALIASES = {"su": "longrope"}
 _NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope")
 #: keys the schedule dict may carry besides the schedule's own parameters
 _META_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
-#: M-RoPE keys; read only for the model types whose Architecture has ``mrope`` (others refuse them)
-_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
+#: M-RoPE keys; read only for the model types whose Architecture has ``mrope`` (others refuse them).
+#: ``mrope_interleaved`` / ``interleaved`` (Qwen3-VL and Qwen3-Omni checkpoints carry both) are ignored:
+#: the recomposition is fixed by the model's code (``Architecture.mrope``), as in transformers.
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved", "interleaved")
 #: model types whose rotary reads an absolute ``rotary_dim`` (GPTJRotaryEmbedding, CodeGen); transformers
 #: ignores the key everywhere else, so posemb does too
 _ROTARY_DIM_MODEL_TYPES = ("gptj", "codegen")

@@ -3,7 +3,7 @@
 
 Each token has three integer coordinates ``(t, h, w)``; positions are (3, batch, seq), the layout
 of transformers' ``position_ids`` for these models (``get_rope_index``). The ``P = rotary_dim / 2``
-channel pairs are split by ``mrope_section = (s_t, s_h, s_w)`` (``s_t + s_h + s_w = P``) and pair
+channel pairs are split by ``mrope_section = (s_t, s_h, s_w)`` (contiguous: ``s_t + s_h + s_w = P``) and pair
 ``j`` turns by ``p_{a(j)} * w_j``, where ``w`` are the ordinary RoPE frequencies of any schedule
 and ``a(j)`` the axis of pair ``j`` (:mod:`posemb.functional.multi_axis_rope`):
 
@@ -48,8 +48,10 @@ class MRoPE(RoPE):
         head_dim, base, rope_type, scaling, layout, partial_rotary_factor, max_position_embeddings:
             as for :class:`~posemb.schemes.rope.RoPE` (the frequency schedule is RoPE's).
         mrope_section: pairs per axis ``(temporal, height, width)``, summing to ``rotary_dim / 2``
-            (transformers' ``rope_parameters["mrope_section"]``, e.g. ``[16, 24, 24]`` for
-            Qwen2-VL's head_dim 128, ``[24, 20, 20]`` for Qwen3-VL). Default: Qwen2-VL's
+            for the contiguous layout (transformers' ``rope_parameters["mrope_section"]``, e.g.
+            ``[16, 24, 24]`` for Qwen2-VL's head_dim 128, ``[24, 20, 20]`` for Qwen3-VL). The
+            interleaved layout reads only the height and width counts, as Qwen3-VL's code does: pairs
+            past ``3 * s_h`` / ``3 * s_w`` are temporal, whatever the sum. Default: Qwen2-VL's
             proportions, :func:`default_mrope_section`.
         mrope_interleaved: False: contiguous sections (Qwen2-VL, Qwen2.5-VL); True: axes
             interleaved over the pairs (Qwen3-VL, ``rope_parameters["mrope_interleaved"]``).
@@ -68,12 +70,9 @@ class MRoPE(RoPE):
         check_bool("mrope_interleaved", mrope_interleaved)
         pairs = self.rotary_dim // 2
         section = default_mrope_section(pairs) if mrope_section is None else check_mrope_section(mrope_section)
-        if sum(section) != pairs:
-            raise ValueError(f"mrope_section must sum to rotary_dim / 2 = {pairs} (the number of channel pairs), "
-                             f"got {list(section)} (sum {sum(section)})")
         self.mrope_section, self.mrope_interleaved = section, mrope_interleaved
-        with torch.device("cpu"):
-            self.register_constant("pair_axes", mrope_pair_axes(section, interleaved=mrope_interleaved))
+        with torch.device("cpu"):  # raises when a contiguous section does not sum to the pairs
+            self.register_constant("pair_axes", mrope_pair_axes(section, interleaved=mrope_interleaved, pairs=pairs))
 
     def mrope_cos_sin(self, positions: Tensor, context_length: Tensor | int | None = None, *,
                       dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
