@@ -76,11 +76,12 @@ def test_relative_and_rotary_schemes_are_translation_invariant(name, causal):
     base = torch.arange(12).expand(2, 12)
     # ``translation_invariant`` (None: as the family says) lets a relative scheme that also reads the
     # query's own position (FIRE's normaliser psi(max(L, i))) declare that it sees the shift; FIRE
-    # sees it once positions pass its threshold L (512 at initialisation), hence the larger shift.
+    # sees it once positions pass its threshold L (512 at initialisation), nope_temperature's query
+    # scale once they pass floor_scale - 1 (8191 by default), hence the larger shift.
     invariant = cls.translation_invariant
     if invariant is None:
         invariant = cls.family in ("relative", "rotary", "none")
-    shift = 37 if invariant or cls.family == "absolute" else 5000
+    shift = 37 if invariant or cls.family == "absolute" else 10000
     with torch.no_grad():
         reference = model(tokens, positions=base)
         shifted = model(tokens, positions=base + shift)

@@ -9,7 +9,8 @@ site     hook(s)                                      members
 none     (nothing)                                    nope
 input    ``embed_input(x, positions)``                sinusoidal, learned
 rotation ``rotate(q, k, q_positions, k_positions)``   rope (every frequency schedule), xpos,
-                                                      mrope, axial_rope, rope_mixed, mla, pope
+                                                      mrope, axial_rope, rope_mixed, mla, pope,
+                                                      nope_temperature (scales queries only)
 bias     ``score_bias(q_positions, k_positions)``     t5, alibi, kerple, sandwich,
                                                       dynamic_position_bias
 content  ``relative_logits`` / ``relative_values``    shaw, transformer_xl, deberta, fire,
