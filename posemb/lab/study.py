@@ -71,6 +71,8 @@ OPT_IN_SCHEMES: dict[str, str] = {
             "rope's time, which would dominate the default study",
     "cope": "content-dependent positions over whole key rows: training step about 2.3x rope's, no-grad "
             "evaluation at 2048 tokens about 19x",
+    "nope_temperature": "with Llama 4's floor_scale 8192 its query scale is 1 below position 8191, so at every "
+                        "length the study scores (<= 2048) it is exactly the nope row",
 }
 
 
