@@ -42,6 +42,10 @@ _CONTENT_PATH = "recompute"
 # Large enough that the Python work per block (a few hook calls, one torch.autograd.grad) is small
 # beside its arithmetic, small enough that the backward's peak stays near SDPA's.
 _CONTENT_RECOMPUTE_ELEMENTS = 1 << 21
+# Content schemes with ``content_key_bias`` (a per-key bias, the forgetting gate), causal: fused SDPA
+# with the bias in an extra channel (posemb.model.key_bias_attention). False: the tiled paths above,
+# the reference the tests compare it against.
+_KEY_BIAS_FUSED = True
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -117,6 +121,10 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     hook_options = {} if state is None else {"state": state}
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
+    if causal and _KEY_BIAS_FUSED and getattr(scheme, "content_key_bias", False):
+        from posemb.model.key_bias_attention import key_bias_attention
+
+        return key_bias_attention(q, k, v, scheme, state, needs_grad=needs_grad)
     rows, keys = _content_tile(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q[..., :1].numel() * v.shape[-1])
     # One tile holds everything (decoding, short inputs): the plain softmax of the rows path is the
     # same memory with fewer operations.

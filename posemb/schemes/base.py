@@ -88,6 +88,11 @@ class PositionalScheme(nn.Module):
     #: gate's cumulative log-gates, made once by ``prepare_relative``). Queries are the last Lq of
     #: the Lk keys: query row r is key index r + Lk - Lq, and sees keys up to it when causal.
     content_block_indices: ClassVar[bool] = False
+    #: content site only. True: the scheme's logits are a per-query column plus a per-key row and it has
+    #: no value term, so causal attention runs as fused SDPA with the row in an extra q/k channel
+    #: (``posemb.model.key_bias_attention``); the scheme then implements :meth:`key_bias`. The other
+    #: hooks stay the reference (non-causal calls and the tests use them).
+    content_key_bias: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -176,6 +181,12 @@ class PositionalScheme(nn.Module):
         """Extra output (batch, heads, Lq, head_dim) added to ``probs @ v`` (Shaw's a^V term); must be
         linear in ``probs`` (the attention may pass un-normalised rows of one key tile)."""
         return None
+
+    def key_bias(self, state: Any, *, reference: int, stop: int) -> Tensor:
+        """``content_key_bias`` schemes: the per-key row ``b_j - b_reference`` for keys ``0 .. stop - 1``,
+        (batch, heads, stop), in logit units (added after ``logit_scale``); ``state`` is
+        :meth:`prepare_relative`'s, ``reference`` a key index."""
+        raise NotImplementedError(f"{type(self).__name__} sets content_key_bias but has no key_bias")
 
     def logit_scale(self, head_dim: int) -> float:
         """Multiplier of ``q . k`` (+ relative logits); 1/sqrt(d) unless the paper says otherwise."""

@@ -31,7 +31,9 @@ class ForgettingGate(PositionalScheme):
     Computed at the content site: ``prepare_relative`` forms the cumulative log-gates ``c`` once
     per call (float64), and each block adds a query column ``c_i - c_r`` and a key row
     ``c_r - c_j`` (r: the block's first query), never an (L, L) tensor. Each layer owns its gate;
-    causal only, as in the paper.
+    causal only, as in the paper. Since softmax ignores the column, the attention runs the gate as a
+    per-key bias on fused SDPA (``content_key_bias``, :meth:`key_bias`,
+    :mod:`posemb.model.key_bias_attention`); the tile hooks remain its reference.
 
     Args:
         head_dim: width of one head (the gate's input).
@@ -44,6 +46,7 @@ class ForgettingGate(PositionalScheme):
     family = "relative"
     per_layer = True
     content_block_indices = True
+    content_key_bias = True
 
     def __init__(self, head_dim: int, num_heads: int, causal: bool = True, bias_init: float = 5.0) -> None:
         super().__init__()
@@ -87,6 +90,12 @@ class ForgettingGate(PositionalScheme):
         # Added to q.k before the attention's 1/sqrt(d), so undo that scale here.
         unscale = 1.0 / self.logit_scale(q.shape[-1])
         return (column[..., :, None] * unscale).to(q.dtype), (row[..., None, :] * unscale).to(q.dtype)
+
+    def key_bias(self, state: Any, *, reference: int, stop: int) -> Tensor:
+        """``D_ij = c_i - c_j`` is the query column ``c_i`` (which softmax ignores) plus the key row
+        ``-c_j``; rebased on key ``reference``: ``c_reference - c_j`` for j < stop, float64."""
+        cumulative, _ = state
+        return cumulative[..., reference, None] - cumulative[..., :stop]
 
     def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor, *, state: Any = None,
                         rows: tuple[int, int] = None, keys: tuple[int, int] = None) -> None:
