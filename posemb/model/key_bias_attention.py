@@ -12,9 +12,9 @@ would round away the small differences that decide the near keys. So queries go 
 ``BLOCK_ROWS`` rows and each block takes the row rebased on its own first query r, ``b_j - b_r``
 (the scheme's ``key_bias(state, reference=r, stop=...)``, formed in float64): near keys get small
 values, far keys large negative ones, whose probabilities are negligible either way. Measured at
-L = 2048 with strong forgetting (f ~ 0.73): output within 9e-6 of float64, gradients within 1.4e-6
-relative (the tiled path: 2.4e-6 and 1.6e-5), in a third of the tiled path's time
-(``bench/forgetting_fused_probe.py``).
+L = 2048 with strong forgetting (f ~ 0.73, ``bench/forgetting_fused_probe.py``): output within 9e-6
+of float64 (the tiled path: 2.4e-6), gradients of q, k, v within 2-3e-6 relative (tiled: 1.2-1.6e-5),
+forward + backward in about half the tiled path's time.
 
 With autograd each block runs under ``torch.utils.checkpoint`` (non-reentrant): the block's widened
 q', k' are rebuilt in the backward pass instead of being kept, so nothing of size
