@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from posemb.model.attention import causal_mask
 from posemb.schemes.base import PositionalScheme
 
 #: query rows per block: the rebased bias inside a block spans at most this many tokens' worth of
@@ -42,10 +43,8 @@ def _block(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, state, sta
     row = scheme.key_bias(state, reference=start + offset, stop=key_stop)  # (batch, heads, key_stop)
     q_block = torch.cat([q[:, :, start:stop], q.new_ones(*q.shape[:2], stop - start, 1)], dim=-1)
     k_block = torch.cat([k[:, :, :key_stop], (row / scale).to(k.dtype)[..., None]], dim=-1)
-    mask = None
-    if stop - start > 1:
-        mask = (torch.arange(key_stop, device=q.device)[None, :]
-                <= torch.arange(start, stop, device=q.device)[:, None] + offset)
+    # the block's rows are the last stop - start of its key_stop keys: row i sees keys <= i + offset
+    mask = causal_mask(stop - start, key_stop, q.device) if stop - start > 1 else None
     return F.scaled_dot_product_attention(q_block, k_block, v[:, :, :key_stop], attn_mask=mask, scale=scale)
 
 

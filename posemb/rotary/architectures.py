@@ -136,23 +136,25 @@ ARCHITECTURES: dict[str, Architecture] = {
     # ... or when config.rope_interleave (default True) says so
     # M-RoPE over the half-split pairing; Qwen3-VL interleaves T/H/W whatever the config says (its
     # config lists mrope_interleaved in ignore_keys_at_rope_validation, the code never reads it)
-    **_group("qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text", Architecture(
-        "half", "qwen2_vl/modeling_qwen2_vl.py: Qwen2VLRotaryEmbedding.recomposition_frequencies, "
-        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
-        mrope=(False, (16, 24, 24)))),
-    **_group("qwen3_vl qwen3_vl_text qwen3_vl_moe qwen3_vl_moe_text", Architecture(
-        "half", "qwen3_vl/modeling_qwen3_vl.py: Qwen3VLTextRotaryEmbedding.recomposition_frequencies, "
-        "H at pairs 1::3, W at 2::3 of T, default mrope_section [24, 20, 20]; rotate_half",
+    **_group("qwen2_vl qwen2_vl_text qwen2_5_vl qwen2_5_vl_text qwen2_5_omni qwen2_5_omni_text "
+             "qwen2_5_omni_thinker paddleocr_vl paddleocr_vl_text", Architecture(
+        "half", "qwen2_vl/modeling_qwen2_vl.py (and qwen2_5_omni, paddleocr_vl): <Model>RotaryEmbedding."
+        "recomposition_frequencies, cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section "
+        "[16, 24, 24]; rotate_half", mrope=(False, (16, 24, 24)))),
+    **_group("qwen3_vl qwen3_vl_text qwen3_vl_moe qwen3_vl_moe_text cosmos3_edge cosmos3_edge_text "
+             "qwen3_omni_moe qwen3_omni_moe_thinker qwen3_omni_moe_text", Architecture(
+        "half", "qwen3_vl/modeling_qwen3_vl.py (and cosmos3_edge, qwen3_omni_moe's thinker): "
+        "<Model>TextRotaryEmbedding.recomposition_frequencies, H at pairs 1::3 below 3*s_h, W at 2::3 below "
+        "3*s_w, T elsewhere, default mrope_section [24, 20, 20]; rotate_half", mrope=(True, (24, 20, 20)))),
+    # Qwen3-VL's interleaved recomposition in other families (each verified on (3, B, L) positions by the zoo)
+    **_group("qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text qwen4_exp qwen4_exp_text", Architecture(
+        "half", "qwen3_5/modeling_qwen3_5.py (and qwen3_5_moe, qwen4_exp): <Model>TextRotaryEmbedding, Qwen3-VL's "
+        "interleaved recomposition, default mrope_section [11, 11, 10] (Qwen4-Exp: over 128 pairs, those from 33 "
+        "on temporal); rotate_half on the leading cos.shape[-1] channels", mrope=(True, (11, 11, 10)))),
+    **_group("hy_v4_vl hy_v4_vl_text", Architecture(
+        "interleaved", "hy_v4_vl/modeling_hy_v4_vl.py: HYV4VLRotaryEmbedding, Qwen3-VL's interleaved "
+        "recomposition, default mrope_section [24, 20, 20]; rotate_half over x[..., 0::2], x[..., 1::2]",
         mrope=(True, (24, 20, 20)))),
-    # the same two M-RoPE recompositions in other families (each verified on (3, B, L) positions by the zoo)
-    **_group("qwen2_5_omni qwen2_5_omni_text qwen2_5_omni_thinker", Architecture(
-        "half", "qwen2_5_omni/modeling_qwen2_5_omni.py: Qwen2_5OmniRotaryEmbedding.recomposition_frequencies, "
-        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
-        mrope=(False, (16, 24, 24)))),
-    **_group("paddleocr_vl paddleocr_vl_text", Architecture(
-        "half", "paddleocr_vl/modeling_paddleocr_vl.py: PaddleOCRRotaryEmbedding.recomposition_frequencies, "
-        "cat(m[i % 3] for m in freq.split(mrope_section)), default mrope_section [16, 24, 24]; rotate_half",
-        mrope=(False, (16, 24, 24)))),
     # GLM-4V family: contiguous sections; the released checkpoints rotate half the head
     # (partial_rotary_factor 0.5 with [8, 12, 12]). The default configs leave the factor out, so there
     # the model's own rotary fails (split sizes summing to 32 of 64 pairs) and posemb refuses.
@@ -167,25 +169,6 @@ ARCHITECTURES: dict[str, Architecture] = {
         "recomposition_frequencies, cat(m[i % 3] for m in freq.split(mrope_section)) then cat([freq, freq]), "
         "default mrope_section [8, 12, 12]; rotate_half on the leading cos.shape[-1] channels",
         mrope=(False, (8, 12, 12)))),
-    **_group("cosmos3_edge cosmos3_edge_text", Architecture(
-        "half", "cosmos3_edge/modeling_cosmos3_edge.py: Cosmos3EdgeTextRotaryEmbedding, Qwen3-VL's interleaved "
-        "recomposition (H at pairs 1::3 below 3*s_h, W at 2::3 below 3*s_w), default mrope_section [24, 20, 20]; "
-        "rotate_half", mrope=(True, (24, 20, 20)))),
-    **_group("qwen3_omni_moe qwen3_omni_moe_thinker qwen3_omni_moe_text", Architecture(
-        "half", "qwen3_omni_moe/modeling_qwen3_omni_moe.py: Qwen3OmniMoeThinkerTextRotaryEmbedding, Qwen3-VL's "
-        "interleaved recomposition, default mrope_section [24, 20, 20]; rotate_half", mrope=(True, (24, 20, 20)))),
-    **_group("qwen3_5 qwen3_5_text qwen3_5_moe qwen3_5_moe_text", Architecture(
-        "half", "qwen3_5/modeling_qwen3_5.py (and qwen3_5_moe): Qwen3_5TextRotaryEmbedding, Qwen3-VL's "
-        "interleaved recomposition, default mrope_section [11, 11, 10]; rotate_half on the leading "
-        "partial_rotary_factor channels", mrope=(True, (11, 11, 10)))),
-    **_group("qwen4_exp qwen4_exp_text", Architecture(
-        "half", "qwen4_exp/modeling_qwen4_exp.py: Qwen4ExpTextRotaryEmbedding, Qwen3-VL's interleaved "
-        "recomposition with default mrope_section [11, 11, 10] over 128 pairs (pairs from 33 on are temporal); "
-        "apply_rotary_pos_emb rotates q[..., :rotary_dim] with rotate_half", mrope=(True, (11, 11, 10)))),
-    **_group("hy_v4_vl hy_v4_vl_text", Architecture(
-        "interleaved", "hy_v4_vl/modeling_hy_v4_vl.py: HYV4VLRotaryEmbedding, Qwen3-VL's interleaved "
-        "recomposition, default mrope_section [24, 20, 20]; rotate_half over x[..., 0::2], x[..., 1::2]",
-        mrope=(True, (24, 20, 20)))),
     # MiniMax-M3-VL's text rotary is 1-D (no mrope_section anywhere in the model)
     **_group("minimax_m3_vl minimax_m3_vl_text", Architecture(
         "half", "minimax_m3_vl/modeling_minimax_m3_vl.py: MiniMaxM3VLRotaryEmbedding.forward (1-D positions), "
@@ -198,6 +181,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 _MROPE = ("M-RoPE: the text rotary takes (3, batch, seq) temporal/height/width positions split by "
           "mrope_section; posemb's 1-D RoPE would agree on text tokens only and be wrong on image/video tokens")
 _AXIAL = "2-D vision RoPE (rope_type 'axial'): positions are (row, column) pairs, not a 1-D RoPE"
+
 
 def _refuse(model_types: str, reason: str) -> dict[str, str]:
     return {name: reason for name in model_types.split()}

@@ -53,6 +53,7 @@ from typing import Any, Mapping
 
 from posemb._validation import check_choice, check_float, check_int
 from posemb.functional.rope_schedules import ROPE_TYPES, _ALLOWED_KEYS, validate_rope_params
+from posemb.functional.multi_axis_rope import check_mrope_section
 from posemb.rotary import architectures
 
 #: legacy / engine-specific names accepted for ``rope_type``
@@ -383,7 +384,7 @@ def rope_parameters_from_hf_config(config: Any, *, layer_type: str | None = None
     if arch is not None and arch.mrope is not None:
         # the pairing of T/H/W is the model's (architectures.py), the section the config's when it has one
         interleaved, default_section = arch.mrope
-        mrope = {"mrope_section": tuple(rope.get("mrope_section") or default_section), "mrope_interleaved": interleaved}
+        mrope = {"mrope_section": check_mrope_section(rope.get("mrope_section") or default_section), "mrope_interleaved": interleaved}
     return {**mrope,
         "rope_type": rope_type,
         "base": base,
