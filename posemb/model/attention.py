@@ -46,6 +46,10 @@ _CONTENT_RECOMPUTE_ELEMENTS = 1 << 21
 # with the bias in an extra channel (posemb.model.key_bias_attention). False: the tiled paths above,
 # the reference the tests compare it against.
 _KEY_BIAS_FUSED = True
+# Content schemes with a ``far_reach`` (Shaw, DeBERTa), causal, CPU, consecutive positions: far keys on the
+# fused CPU flash kernel, the hooks on a band of ``reach`` keys (posemb.model.far_field_attention). False:
+# the tiled paths above, the reference the tests compare it against.
+_FAR_FIELD_FUSED = True
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -117,10 +121,16 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     is the output plus a few tiles (``docs/performance.md``). With autograd, whole rows of keys per
     query block and a plain softmax, so autograd saves one probability block per block.
     """
-    state = scheme.prepare_relative(q, k, q_positions, k_positions)
-    hook_options = {} if state is None else {"state": state}
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
+    if causal and _FAR_FIELD_FUSED and scheme.far_reach() is not None:
+        from posemb.model.far_field_attention import far_field_attention, far_field_reach  # imports this module
+
+        reach = far_field_reach(q, k, v, scheme, q_positions, k_positions)
+        if reach is not None:
+            return far_field_attention(q, k, v, scheme, q_positions, k_positions, reach, needs_grad=needs_grad)
+    state = scheme.prepare_relative(q, k, q_positions, k_positions)
+    hook_options = {} if state is None else {"state": state}
     if causal and _KEY_BIAS_FUSED and getattr(scheme, "content_key_bias", False):
         from posemb.model.key_bias_attention import key_bias_attention
 

@@ -43,7 +43,7 @@ So, for the hooks of this site:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -188,6 +188,20 @@ class PositionalScheme(nn.Module):
         :meth:`prepare_relative`'s, ``reference`` a key index."""
         raise NotImplementedError(f"{type(self).__name__} sets content_key_bias but has no key_bias")
 
+    def far_reach(self) -> int | None:
+        """Content site only: R >= 1 when every causal pair at least R apart (query minus key position
+        ``i - j >= R``) reads the same terms, a per-query column plus a per-key row on the logits and one
+        vector on the values (:meth:`far_terms`): Shaw's clipped distances, DeBERTa's clamped rows. Causal
+        attention over consecutive positions then runs the far keys on fused SDPA and the scheme's hooks
+        only on a band of R keys per query (``posemb.model.far_field_attention``). None (the default):
+        no such reach."""
+        return None
+
+    def far_terms(self, q: Tensor, k: Tensor, *, state: Any = None) -> "FarTerms":
+        """The terms every pair at least :meth:`far_reach` apart reads (see :class:`FarTerms`); ``state``
+        is :meth:`prepare_relative`'s."""
+        raise NotImplementedError(f"{type(self).__name__} has a far_reach but no far_terms")
+
     def logit_scale(self, head_dim: int) -> float:
         """Multiplier of ``q . k`` (+ relative logits); 1/sqrt(d) unless the paper says otherwise."""
         return head_dim ** -0.5
@@ -198,6 +212,16 @@ class PositionalScheme(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site}"
+
+
+class FarTerms(NamedTuple):
+    """What a content scheme adds to every causal pair at least its ``far_reach()`` apart, each None when
+    absent: logits ``column_i + row_j`` (unscaled, like ``relative_logits``: ``logit_scale`` multiplies
+    them with ``q . k``), and ``value`` on the values (like ``relative_values``: ``sum_j p_ij value``)."""
+
+    column: Tensor | None   # broadcastable to (batch, heads, Lq, 1)
+    row: Tensor | None      # broadcastable to (batch, heads, 1, Lk)
+    value: Tensor | None    # broadcastable to (batch, heads, 1, value_dim)
 
 
 def _constant_device(master: Tensor, device: torch.device) -> torch.device:

@@ -38,7 +38,7 @@ from posemb._validation import check_bool, check_heads, check_table_rows, check_
 from posemb.functional.buckets import deberta_log_bucket
 from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key, shared_row_pieces
 from posemb.registry import register
-from posemb.schemes.base import PositionalScheme
+from posemb.schemes.base import FarTerms, PositionalScheme
 
 POSITION_TERMS = ("c2p", "p2c")
 # Without autograd, blocks are cut into runs of keys of about this many keys (or the block's query
@@ -127,6 +127,7 @@ class DeBERTaRelative(PositionalScheme):
         inner = num_heads * head_dim
         self.pos_key_proj = nn.Linear(dim, inner, bias=projection_bias) if "c2p" in self.pos_att_type else None
         self.pos_query_proj = nn.Linear(dim, inner, bias=projection_bias) if "p2c" in self.pos_att_type else None
+        self._far_reach: int | None = None  # far_reach(), computed once
 
     def logit_scale(self, head_dim: int) -> float:
         """``1 / sqrt(head_dim * (1 + #position terms))``: 1/sqrt(3d) with both c2p and p2c (§3.1)."""
@@ -205,6 +206,29 @@ class DeBERTaRelative(PositionalScheme):
             p2c = gather_relative_rows(k @ state.query_r[:, first:last + 1].transpose(-1, -2), index)
             total = p2c if total is None else total.add_(p2c)
         return total
+
+    def far_reach(self) -> int | None:
+        """The smallest query-minus-key distance whose row of P is the last one, ``2 span - 1`` (rows are
+        non-decreasing in the distance, so every larger distance reads it too); None when that is
+        distance 0 (span 1: no near pairs)."""
+        if self._far_reach is None:
+            length = 2 * max(self.span, self.max_relative_positions) + 2
+            while True:  # the log buckets reach the last row by max_relative_positions; doubling is a guard
+                rows = self.rows_of(torch.arange(length))
+                if rows[-1] == 2 * self.span - 1:
+                    break
+                length *= 2
+            self._far_reach = int((rows < 2 * self.span - 1).sum())
+        return self._far_reach or None
+
+    def far_terms(self, q: Tensor, k: Tensor, *, state: "_CallState | None" = None) -> FarTerms:
+        """The last row of K^r and Q^r: c2p ``q_i . K^r[last]`` (a column), p2c ``k_j . Q^r[last]`` (a row)."""
+        if state is None:
+            state = self.prepare_relative(q, k, None, None)
+        last = 2 * self.span - 1
+        column = q @ state.key_r[:, last, :, None] if state.key_r is not None else None
+        row = (k @ state.query_r[:, last, :, None]).transpose(-1, -2) if state.query_r is not None else None
+        return FarTerms(column, row, None)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, span={self.span}, "

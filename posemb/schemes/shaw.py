@@ -24,7 +24,7 @@ from posemb._validation import check_bool, check_heads, check_table_rows, check_
 from posemb.functional.relative import (clipped_index, distance_bounds, gather_relative, key_minus_query,
                                         scatter_relative, shared_row_pieces)
 from posemb.registry import register
-from posemb.schemes.base import PositionalScheme
+from posemb.schemes.base import FarTerms, PositionalScheme
 
 
 # Blocks of at least this many (query, key) pairs per head cut their value term into runs of keys;
@@ -133,6 +133,17 @@ class ShawRelative(PositionalScheme):
                 index = self.distance_index(q_positions, k_positions[:, start:stop])
                 per_distance.scatter_add_(-1, index[:, None].expand(piece.shape), piece)
         return per_distance @ value_table
+
+    def far_reach(self) -> int | None:
+        """Causal pairs with ``i - j >= k`` all clip to row 0 (distance ``-k``); None for k = 0 (every
+        pair reads that row: nothing is near)."""
+        return self.max_relative_position or None
+
+    def far_terms(self, q: Tensor, k: Tensor, *, state: object = None) -> FarTerms:
+        """Row 0 of the tables: logits ``q_i . w^K[0]`` (a column), values ``w^V[0]``."""
+        self._check_heads(q)
+        return FarTerms(q @ self.key_table.to(q.dtype)[:, 0, :, None], None,
+                        self.value_table.to(q.dtype)[:, None, 0, :])
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, max_relative_position={self.max_relative_position}, "
