@@ -148,7 +148,7 @@ def test_model_training_step_matches_tiled_path(monkeypatch):
     for scheme, options in (("shaw", dict(max_relative_position=16)), ("deberta", dict(max_relative_positions=24))):
         torch.manual_seed(3)
         model = TransformerLM(vocab_size=40, dim=24, depth=2, heads=3, scheme=scheme, **options).double()
-        tokens = torch.randint(0, 40, (2, far_field.BAND_ROWS + 41))
+        tokens = torch.randint(0, 40, (2, far_field.band_rows(2 * 3) + 41))
 
         def gradients():
             model.zero_grad()
@@ -164,6 +164,12 @@ def test_model_training_step_matches_tiled_path(monkeypatch):
         torch.testing.assert_close(loss, loss_tiled, rtol=1e-12, atol=0)
         for a, b in zip(grads, grads_tiled):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_band_rows_follow_the_number_of_matrices(monkeypatch):
+    assert [far_field.band_rows(n) for n in (1, 4, 32, 256, 4096)] == [256, 128, 64, 32, 32]
+    monkeypatch.setattr(far_field, "BAND_ROWS", 8)
+    assert far_field.band_rows(4) == 8
 
 
 def test_reach_of_each_scheme():
@@ -219,7 +225,8 @@ def test_functional_call_takes_plain_autograd(monkeypatch):
                                           ("deberta", dict(dim=32, num_heads=2, max_relative_positions=128))])
 def test_training_call_keeps_every_tensor_within_a_band_block(name, options, monkeypatch):
     """At L = 1024, forward and backward: no tensor outgrows the widened inputs (heads, L, d + 1) or one
-    band block of logits (heads, BAND_ROWS, BAND_ROWS + reach - 1), both far below one (L, L) block per
+    band block (heads, rows + reach - 1, max(rows, 2 reach + 1)): logits or a block's keys against the
+    relative table, both far below one (L, L) block per
     head; the gradients still equal the tiled path's."""
     from test_relative_schemes import LargestTensor
 
@@ -228,7 +235,9 @@ def test_training_call_keeps_every_tensor_within_a_band_block(name, options, mon
     reach = scheme.far_reach()
     q, k, v = (torch.randn(1, heads, length, head_dim).requires_grad_() for _ in range(3))
     pos = torch.arange(length)[None]
-    bound = 1.2 * max(heads * length * (head_dim + 1), heads * far_field.BAND_ROWS * (far_field.BAND_ROWS + reach - 1))
+    rows = far_field.band_rows(heads)
+    # DeBERTa's hooks may hold one block's keys against every row of its 2 span-row table (span ~ reach)
+    bound = 1.2 * max(heads * length * (head_dim + 1), heads * (rows + reach - 1) * max(rows, 2 * reach + 1))
     assert bound * 4 <= heads * length * length
     recorder = LargestTensor()
     with recorder:

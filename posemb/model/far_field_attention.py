@@ -9,7 +9,7 @@ query sees:
 
 * far keys, ``j <= i - R``: logits ``scale * (q_i . k_j + a_i + b_j)``, values ``v_j + c``;
 * band keys, ``i - R < j <= i``: the scheme's own logits and values (its hooks, on blocks of
-  ``BAND_ROWS`` queries against at most ``BAND_ROWS + R - 1`` keys).
+  :func:`band_rows` queries against at most that many plus ``R - 1`` keys).
 
 A softmax ignores a constant per row, so ``a_i`` is taken off every logit of row i: the far logits become
 ``scale * (q'_i . k'_j)`` with ``q' = [q, 1]``, ``k' = [k, b]`` (``b`` in one extra channel, ``v`` padded by
@@ -35,6 +35,7 @@ the keys; :func:`far_field_reach` says whether a call qualifies, the tiled conte
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -46,8 +47,23 @@ from posemb.model import attention as _attention
 from posemb.model.content_autograd import _state_leaves
 from posemb.schemes.base import FarTerms, PositionalScheme
 
-#: query rows per band block (each against at most BAND_ROWS + reach - 1 keys)
-BAND_ROWS = 256
+#: query rows per band block (each against at most that many + reach - 1 keys); None: :func:`band_rows`
+BAND_ROWS: int | None = None
+
+
+def band_rows(batch_heads: int) -> int:
+    """Query rows per band block for ``batch * heads`` attention matrices: ``BAND_ROWS`` when set, else
+    ``128 (4 / batch_heads)^(1/3)`` as a power of two in [32, 256].
+
+    A band block of r rows computes r (r + R - 1) logits of which r R are band pairs, so small blocks
+    waste less work but cost more calls; the fixed cost per call weighs less the more matrices one call
+    holds. Measured on 2 cores (fwd + bwd, head size 32, 4 heads; ``bench/far_field_step_probe.py`` and
+    the sweep in docs/performance.md): best r = 128 at batch 1, 64 at batch 8, 32 at batch 64, for both
+    Shaw (R = 16) and DeBERTa (R = 127)."""
+    if BAND_ROWS is not None:
+        return BAND_ROWS
+    rows = 128 * (4 / max(1, batch_heads)) ** (1 / 3)
+    return int(min(256, max(32, 2 ** round(math.log2(rows)))))
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
@@ -144,8 +160,9 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positi
         far[:, :, first:] += terms.value.to(stats)
     band = torch.empty_like(far)
     lse_band = torch.empty_like(lse_far)
-    for start in range(0, q_len, BAND_ROWS):
-        stop = min(q_len, start + BAND_ROWS)
+    rows = band_rows(batch * heads)
+    for start in range(0, q_len, rows):
+        stop = min(q_len, start + rows)
         scores, keys = _band_logits(q, k, scheme, q_positions, k_positions, hook_options, scale, terms.column,
                                     reach, (start, stop))
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -225,8 +242,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, lse_far
     # Band keys: recomputed per block with autograd on block leaves.
     inputs_after = leaves + params + ([column] if column is not None else [])
     after_grads: list[Tensor | None] = [None] * len(inputs_after)
-    for start in range(0, q_len, BAND_ROWS):
-        stop = min(q_len, start + BAND_ROWS)
+    rows = band_rows(batch * heads)
+    for start in range(0, q_len, rows):
+        stop = min(q_len, start + rows)
         with torch.enable_grad():
             q_block = q[:, :, start:stop].detach().requires_grad_(True)
             keys = _band_keys((start, stop), q_len, k.shape[-2], reach)
@@ -297,4 +315,4 @@ def _detached(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach()
 
 
-__all__ = ["BAND_ROWS", "far_field_attention", "far_field_reach"]
+__all__ = ["BAND_ROWS", "band_rows", "far_field_attention", "far_field_reach"]
