@@ -119,6 +119,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     **_group("glm glm4 glm_ocr glm_ocr_text", Architecture(
         "interleaved", "glm/modeling_glm.py, glm4/modeling_glm4.py: rotate_half over x[..., 0::2], "
         "x[..., 1::2], cos[..., :d/2].repeat_interleave(2)")),
+    "ergo": Architecture("interleaved", "ergo/modeling_ergo.py: rotate_half over x[..., ::2], x[..., 1::2], "
+                         "cos/sin repeat_interleave(2)"),
     "helium": Architecture("interleaved", "helium/modeling_helium.py: rotate_half over x[..., 0::2], x[..., 1::2]"),
     **_group("moonshine moonshine_streaming", Architecture(
         "interleaved", "moonshine/modeling_moonshine.py: rotate_half over x[..., 0::2], x[..., 1::2]")),
