@@ -248,3 +248,19 @@ def test_training_call_keeps_every_tensor_within_a_band_block(name, options, mon
     tiled = torch.autograd.grad(_tiled(monkeypatch, q, k, v, scheme, pos, pos, causal=True).square().sum(), (q, k, v))
     for a, b in zip(grads, tiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
+    """_CONTENT_PATH = "autograd" promises plain autograd (so double backward): the far-field path, whose
+    backward is once-differentiable, steps aside, and the second derivative is the naive formula's."""
+    monkeypatch.setattr(attention, "_CONTENT_PATH", "autograd")
+    scheme = _scheme("shaw", dict(head_dim=8, max_relative_position=3))
+    q, k, v, q_pos, k_pos = _inputs(20, 20)
+    q.requires_grad_(True)
+    (grad,) = torch.autograd.grad(attend(q, k, v, scheme, q_pos, k_pos, causal=True).square().sum(), q,
+                                  create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), q)
+    (grad_naive,) = torch.autograd.grad(naive_shaw(scheme, q, k, v, q_pos, k_pos, True).square().sum(), q,
+                                        create_graph=True)
+    (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
+    torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)

@@ -123,7 +123,10 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     """
     needs_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
-    if causal and _FAR_FIELD_FUSED and scheme.far_reach() is not None:
+    # (its backward is once-differentiable: _CONTENT_PATH = "autograd", which promises plain autograd and
+    # so double backward, takes the tiled path)
+    if causal and _FAR_FIELD_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
+            and scheme.far_reach() is not None:
         from posemb.model.far_field_attention import far_field_attention, far_field_reach  # imports this module
 
         reach = far_field_reach(q, k, v, scheme, q_positions, k_positions)

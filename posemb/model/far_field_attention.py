@@ -70,12 +70,14 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 def far_field_reach(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor,
                     k_positions: Tensor) -> int | None:
     """The scheme's reach R when this causal call can take the far-field path, else None: a reach, CPU
-    tensors of one supported dtype, values as wide as the keys, keys beyond the reach, and positions that
+    tensors of one supported dtype and one batch size, values as wide as the keys, keys beyond the reach, and positions that
     count up by one with the queries the last Lq of the Lk keys (so index distance = position distance;
     one host synchronisation)."""
     reach = scheme.far_reach()
     if reach is None or q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype) \
-            or v.shape[-1] != q.shape[-1] or k.shape[-2] <= reach or torch.compiler.is_compiling():
+            or v.shape[-1] != q.shape[-1] or k.shape[-2] <= reach or torch.compiler.is_compiling() \
+            or not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1] != v.shape[1]:
+        # (the fused kernel does not broadcast a batch of one; the tiled path does)
         return None
     return reach if consecutive_offset(q_positions, k_positions) == k.shape[-2] - q.shape[-2] else None
 
