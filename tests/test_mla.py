@@ -64,7 +64,10 @@ def test_matches_deepseek_v3_attention(rope_parameters, rope_interleave, q_lora_
 
 def test_yarn_mscale_squared_multiplies_the_softmax_scale():
     pytest.importorskip("transformers")
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_get_mscale
+    try:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_get_mscale
+    except ImportError:  # transformers >= 5.25 keeps it in modeling_rope_utils only
+        from transformers.modeling_rope_utils import yarn_get_mscale
 
     scaling = {k: v for k, v in YARN.items() if k not in ("rope_type", "rope_theta")}
     scheme = posemb.build("mla", qk_rope_head_dim=4, rope_type="yarn", scaling=scaling, max_position_embeddings=64)

@@ -73,10 +73,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         flex_olmo flint gemma gemma2 gemma3 gemma3_text gemma3n gemma3n_text gemma4 gemma4_text
         gemma4_unified gemma4_unified_text glmasr gpt_neox gpt_neox_japanese gpt_oss
         gradium_phonon_tts granite granite_swa granitemoe granitemoe_swa granitemoehybrid
-        granitemoeshared gte higgs_audio_v2 hrm_text hunyuan_v1_dense hunyuan_v1_moe hy_v3 hy_v4
-        hyperclovax jais2 jetmoe jina_embeddings_v3 kolibri1 kyutai_speech_to_text laguna lara_mini
+        granitemoeshared gte higgs_audio_v2 hrm_text hunyuan_v1_dense hunyuan_v1_moe hy_v3
+        hyperclovax jais2 jetmoe jina_embeddings_v3 kolibri1 kolibri1_1 kyutai_speech_to_text laguna lara_mini
         lfm2 lfm2_moe lfm3 llama mellum mimo_v2_flash minicpm3 minimax minimax_m2 ministral
-        mistral mixtral modernbert modernbert-decoder muse_glimmer muse_spark musicflamingo
+        minicpm5_moe mistral mixtral modernbert modernbert-decoder muse_glimmer muse_spark musicflamingo
         nemotron nemotron3_diarization neomme neucodec nomic_bert olmo olmo2 olmo3 olmo_hybrid
         olmoe persimmon phi phi3 phi4_multimodal phimoe pocket_tts qwen2 qwen2_moe qwen3 qwen3_moe
         qwen3_next recurrent_gemma seed_oss smollm3 solar_open stablelm starcoder2 step3p7 t5gemma
@@ -131,7 +131,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "x[..., ::2], x[..., 1::2]"),
     # MLA models: the rope sub-head is rotated by apply_rotary_pos_emb_interleave (de-interleave, then
     # rotate_half), unconditionally ...
-    **_group("axk2 bailing_hybrid deepseek_v32 dots3_note dots3_note_text glm_moe_dsa longcat_flash "
+    **_group("axk2 bailing_hybrid deepseek_v32 dots3_note hy_v4 dots3_note_text glm_moe_dsa longcat_flash "
              "mistral_large4 mistral_large4_text",
              Architecture("interleaved", "<model>/modeling_<model>.py: q_rot, k_rot = "
                           "apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin) in the MLA attention")),
