@@ -11,6 +11,7 @@ from posemb.model import TransformerLM, attention
 from posemb.model import far_field_attention as far_field
 from posemb.model.attention import attend
 
+from test_key_bias_attention import loss_and_gradients
 from test_relative_schemes import naive_deberta, naive_shaw, randomise
 
 SCHEMES = [  # (name, options, naive reference); small reaches so that most keys are far
@@ -150,16 +151,9 @@ def test_model_training_step_matches_tiled_path(monkeypatch):
         model = TransformerLM(vocab_size=40, dim=24, depth=2, heads=3, scheme=scheme, **options).double()
         tokens = torch.randint(0, 40, (2, far_field.band_rows(2 * 3) + 41))
 
-        def gradients():
-            model.zero_grad()
-            logits = model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tokens[:, 1:].reshape(-1))
-            loss.backward()
-            return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-        loss, grads = gradients()
+        loss, grads = loss_and_gradients(model, tokens)
         monkeypatch.setattr(attention, "_FAR_FIELD_FUSED", False)
-        loss_tiled, grads_tiled = gradients()
+        loss_tiled, grads_tiled = loss_and_gradients(model, tokens)
         monkeypatch.setattr(attention, "_FAR_FIELD_FUSED", True)
         torch.testing.assert_close(loss, loss_tiled, rtol=1e-12, atol=0)
         for a, b in zip(grads, grads_tiled):

@@ -82,19 +82,21 @@ def test_model_training_step_matches_tiled_path(monkeypatch):
     model = TransformerLM(vocab_size=40, dim=24, depth=2, heads=3, scheme="forgetting").double()
     tokens = torch.randint(0, 40, (2, 2 * BLOCK_ROWS + 9))
 
-    def gradients():
-        model.zero_grad()
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tokens[:, 1:].reshape(-1))
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    loss, grads = gradients()
+    loss, grads = loss_and_gradients(model, tokens)
     monkeypatch.setattr(attention, "_KEY_BIAS_FUSED", False)
-    loss_tiled, grads_tiled = gradients()
+    loss_tiled, grads_tiled = loss_and_gradients(model, tokens)
     torch.testing.assert_close(loss, loss_tiled, rtol=1e-12, atol=0)
     for a, b in zip(grads, grads_tiled):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def loss_and_gradients(model, tokens):
+    """Next-token loss of ``tokens`` and a copy of every parameter's gradient."""
+    model.zero_grad()
+    logits = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, model.vocab_size), tokens[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_non_causal_is_still_refused():

@@ -44,7 +44,7 @@ from torch.autograd.function import once_differentiable
 
 from posemb.functional.relative import consecutive_offset
 from posemb.model import attention as _attention
-from posemb.model.content_autograd import _state_leaves
+from posemb.model.content_autograd import _state_leaves, content_attention
 from posemb.schemes.base import FarTerms, PositionalScheme
 
 #: query rows per band block (each against at most that many + reach - 1 keys); None: :func:`band_rows`
@@ -91,9 +91,7 @@ def far_field_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalSchem
     if not needs_grad:
         return _forward(q, k, v, scheme, q_positions, k_positions, reach)[0]
     if not all(isinstance(p, torch.nn.Parameter) for p in scheme.parameters()):
-        state = scheme.prepare_relative(q, k, q_positions, k_positions)
-        return _attention._content_rows(q, k, v, scheme, q_positions, k_positions, True,
-                                        {} if state is None else {"state": state})
+        return content_attention(q, k, v, scheme, q_positions, k_positions, causal=True)  # its plain fallback
     params = tuple(p for p in scheme.parameters() if p.requires_grad)
     return _FarFieldAttention.apply(q, k, v, q_positions, k_positions, scheme, reach, *params)
 
