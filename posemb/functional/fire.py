@@ -2,6 +2,8 @@
 Improves Long Context Transformers", arXiv 2310.04418, §3, eq. 5-6)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -26,3 +28,51 @@ def fire_normalized_distance(q_positions: Tensor, k_positions: Tensor, c: Tensor
     numerator = torch.log1p(c * distance)
     denominator = torch.log1p(c * torch.maximum(query, threshold)) + eps
     return numerator / denominator
+
+
+class ReluSegments(NamedTuple):
+    """A one-input ReLU MLP ``f(x) = b2 + W2 relu(w1 x + b1)`` (widths 1 -> n -> heads) as the piecewise
+    linear function it is: ``f(x) = slope[s] x + intercept[s]`` on segment ``s``, the number of
+    ``breakpoints`` (sorted, float64) below x. Unit k's kink is at ``-b1_k / w1_k``; ``active[s, k]``
+    says whether unit k is positive on segment s, so on it ``slope[s] = sum_k active W2[:, k] w1_k`` and
+    ``intercept[s] = b2 + sum_k active W2[:, k] b1_k`` (units with ``w1_k = 0`` are constant: active
+    on every segment when ``b1_k > 0``)."""
+
+    breakpoints: Tensor  # (K,) float64, ascending: the kinks of the units with w1_k != 0
+    slope: Tensor        # (K + 1, heads) float64
+    intercept: Tensor    # (K + 1, heads) float64
+    active: Tensor       # (K + 1, n) float64, 1.0 where unit k is positive on segment s
+
+
+def relu_segments(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> ReluSegments:
+    """:class:`ReluSegments` of ``b2 + w2 relu(w1 x + b1)``: ``w1`` (n, 1) or (n,), ``b1`` (n,),
+    ``w2`` (heads, n), ``b2`` (heads,); computed in float64 without autograd (O(n^2) work)."""
+    w1, b1, w2, b2 = (t.detach().to(torch.float64).reshape(shape) for t, shape in
+                      ((w1, (-1,)), (b1, (-1,)), (w2, (w2.shape[0], -1)), (b2, (-1,))))
+    moving = w1 != 0
+    breakpoints = torch.sort(-b1[moving] / w1[moving]).values
+    # One point inside each segment decides which units are positive there (the segments are open
+    # intervals between kinks; a kink itself has relu = 0 for its unit, a measure-zero set).
+    if breakpoints.numel():
+        inner = (breakpoints[1:] + breakpoints[:-1]) / 2
+        span = (breakpoints[-1] - breakpoints[0]).abs().clamp(min=1.0)
+        points = torch.cat([breakpoints[:1] - span, inner, breakpoints[-1:] + span])
+    else:
+        points = breakpoints.new_zeros(1)
+    active = (points[:, None] * w1 + b1 > 0).to(torch.float64)
+    return ReluSegments(breakpoints, (active * w1) @ w2.T, b2 + (active * b1) @ w2.T, active)
+
+
+class FireParameters(NamedTuple):
+    """What a FIRE-form content scheme hands the fused attention path (``posemb.model.fire_attention``):
+    the bias ``b2 + w2 relu(w1 n + b1)`` of ``n = psi(i - j) / (psi(max(L, i)) + eps)``,
+    ``psi(x) = log(|c| x + 1)``, ``L = |multiplier| * threshold``, added to the scaled logits."""
+
+    w1: Tensor           # (width, 1)
+    b1: Tensor           # (width,)
+    w2: Tensor           # (heads, width)
+    b2: Tensor           # (heads,)
+    c: Tensor            # () learnable
+    multiplier: Tensor   # () learnable
+    threshold: float
+    eps: float

@@ -95,6 +95,41 @@ def _antidiagonal_sums(x: Tensor) -> Tensor:
     return padded.unflatten(-1, (rows, cols + rows - 1)).sum(-2)
 
 
+def block_scores_backward(q_block: Tensor, k_block: Tensor, v_block: Tensor, grad_block: Tensor, out: Tensor,
+                          lse: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(P, dS)`` of one block of ``softmax(scale q k^T + mask) v`` from its output and log-sum-exps
+    (the standard attention backward, e.g. FlashAttention, Dao et al. 2022, Alg. 2, and FlashAttention-2,
+    Dao 2023, Alg. 2): ``P = exp(scale q k^T + mask - lse)``, ``dS = P * (dO v^T - D)`` with
+    ``D_i = dO_i . O_i``. ``dS`` is also the gradient of the additive ``mask``."""
+    probs = torch.matmul(q_block, k_block.transpose(-1, -2)).mul_(scale)
+    probs = probs.add_(mask).sub_(lse[..., None]).exp_()
+    dscores = torch.matmul(grad_block, v_block.transpose(-1, -2))
+    dscores = dscores.sub_((grad_block * out).sum(-1, keepdim=True)).mul_(probs)
+    return probs, dscores
+
+
+def block_input_gradients(q_block: Tensor, k_block: Tensor, grad_block: Tensor, probs: Tensor, dscores: Tensor,
+                          scale: float, dq: Tensor, dk: Tensor, dv: Tensor, start: int, stop: int, keys: int) -> None:
+    """Finish one block's backward from :func:`block_scores_backward`: ``dv += P^T dO``, ``dq = scale dS k``
+    (rows ``start .. stop`` of dq, in reversed order like the block's q), ``dk += scale dS^T q``."""
+    dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
+    dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
+    dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
+
+
+def backward_sub_blocks(blocks: list, outputs, lses, batch_heads: int, causal: bool, whole: bool = False):
+    """``(start, stop, keys, out, lse)`` of the sub-blocks a blocked backward visits: reversed rows
+    [a, b) of a forward block (start, stop, keys) are the rows [stop - b, stop - a) of a block of their
+    own (keys up to its last row's diagonal), sized to keep dS and P near ``_TOEPLITZ_BACKWARD_ELEMENTS``
+    so the backward's peak stays near SDPA's; ``whole``: the forward blocks themselves."""
+    for (block_start, block_stop, block_keys), block_out, block_lse in zip(blocks, outputs, lses):
+        rows = block_stop - block_start if whole else max(1, _TOEPLITZ_BACKWARD_ELEMENTS // (batch_heads * block_keys))
+        for a in range(0, block_stop - block_start, rows):
+            b = min(block_stop - block_start, a + rows)
+            yield (block_stop - b, block_stop - a, block_keys - a if causal else block_keys,
+                   block_out[:, :, a:b], block_lse[:, :, a:b])
+
+
 def _toeplitz_backward_block(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, table: Tensor, dq: Tensor, dk: Tensor,
                              dv: Tensor, dtable: Tensor, out: Tensor, lse: Tensor, start: int, stop: int, keys: int,
                              scale: float, cut: int | None) -> None:
@@ -109,14 +144,10 @@ def _toeplitz_backward_block(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, tabl
     # dS = P * (dO v^T - D) for keys j >= first: every key (no cut), or the band j > i + cut of
     # the block's first row (later rows' entries below their own band are overwritten by the tail rule).
     first = 0 if cut is None else min(keys, max(0, start + cut + 1))
-    probs = torch.matmul(q_block, k_block[:, :, first:].transpose(-1, -2)).mul_(scale)
-    probs = probs.add_(mask[..., first:]).sub_(lse[..., None]).exp_()
-    dscores = torch.matmul(grad_block, v_block[:, :, first:].transpose(-1, -2))
-    dscores = dscores.sub_((grad_block * out).sum(-1, keepdim=True)).mul_(probs)
+    probs, dscores = block_scores_backward(q_block, k_block[:, :, first:], v_block[:, :, first:], grad_block, out,
+                                           lse, mask[..., first:], scale)
     if cut is None:  # the whole dS is at hand: three matmuls finish the backward
-        dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block)
-        dq[:, :, start:stop] = torch.matmul(dscores, k_block).mul_(scale).flip(2)
-        dk[:, :, :keys] += torch.matmul(dscores.transpose(-1, -2), q_block).mul_(scale)
+        block_input_gradients(q_block, k_block, grad_block, probs, dscores, scale, dq, dk, dv, start, stop, keys)
     else:  # only a band of dS: SDPA's fused backward is cheaper than forming the whole dS
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_block, q_block, k_block, v_block, out, lse, 0.0, False, attn_mask=mask, scale=scale)
@@ -170,19 +201,10 @@ class _ToeplitzAttention(torch.autograd.Function):
         heads = q.shape[1]
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtable = torch.zeros(q.shape[0], *table.shape, dtype=table.dtype, device=table.device)
-        for (block_start, block_stop, block_keys), block_out, block_lse in zip(blocks, outputs, lses):
-            # Reversed rows [a, b) of a forward block are the rows [stop - b, stop - a) of a block of
-            # their own (keys up to its last row's diagonal): sub-blocks keep dS and P near
-            # _TOEPLITZ_BACKWARD_ELEMENTS, so the backward's peak stays near SDPA's.
-            # With a cut, dS is only a band of about (rows, rows + reach): whole blocks, fewer calls.
-            rows = block_stop - block_start if cut is not None else \
-                max(1, _TOEPLITZ_BACKWARD_ELEMENTS // (q.shape[0] * heads * block_keys))
-            for a in range(0, block_stop - block_start, rows):
-                b = min(block_stop - block_start, a + rows)
-                start, stop, keys = block_stop - b, block_stop - a, block_keys - a if ctx.causal else block_keys
-                out, lse = block_out[:, :, a:b], block_lse[:, :, a:b]
-                _toeplitz_backward_block(q, k, v, grad, table, dq, dk, dv, dtable, out, lse, start, stop, keys,
-                                         scale, cut)
+        # With a cut, dS is only a band of about (rows, rows + reach): whole blocks, fewer calls.
+        for start, stop, keys, out, lse in backward_sub_blocks(blocks, outputs, lses, q.shape[0] * heads,
+                                                               ctx.causal, whole=cut is not None):
+            _toeplitz_backward_block(q, k, v, grad, table, dq, dk, dv, dtable, out, lse, start, stop, keys, scale, cut)
         if cut is not None:
             # Each row of dS sums to 0 (sum_j P_ij dP_ij = dO_i . O_i = D_i), so the table entries
             # of j - i <= cut, which all hold one function of the parameters, receive minus the rest

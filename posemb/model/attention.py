@@ -50,6 +50,10 @@ _KEY_BIAS_FUSED = True
 # fused CPU flash kernel, the hooks on a band of ``reach`` keys (posemb.model.far_field_attention). False:
 # the tiled paths above, the reference the tests compare it against.
 _FAR_FIELD_FUSED = True
+# Content schemes with ``fire_parameters`` (FIRE), causal, CPU, consecutive positions: fused CPU flash
+# attention per query block with the MLP's piecewise linear bias (posemb.model.fire_attention). False: the
+# tiled paths above, the reference the tests compare it against.
+_FIRE_FUSED = True
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -125,6 +129,12 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
         q.requires_grad or k.requires_grad or v.requires_grad or any(p.requires_grad for p in scheme.parameters()))
     # (its backward is once-differentiable: _CONTENT_PATH = "autograd", which promises plain autograd and
     # so double backward, takes the tiled path)
+    if causal and _FIRE_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
+            and scheme.fire_parameters() is not None:
+        from posemb.model.fire_attention import fire_attention, fire_attention_applies  # imports this module
+
+        if fire_attention_applies(q, k, v, scheme, q_positions, k_positions):
+            return fire_attention(q, k, v, scheme, q_positions, needs_grad=needs_grad)
     if causal and _FAR_FIELD_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
             and scheme.far_reach() is not None:
         from posemb.model.far_field_attention import far_field_attention, far_field_reach  # imports this module

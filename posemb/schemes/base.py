@@ -43,10 +43,13 @@ So, for the hooks of this site:
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # (an annotation only: functional does not import the schemes)
+    from posemb.functional.fire import FireParameters
 
 
 SITES = ("none", "input", "rotation", "bias", "content")
@@ -201,6 +204,13 @@ class PositionalScheme(nn.Module):
         """The terms every pair at least :meth:`far_reach` apart reads (see :class:`FarTerms`); ``state``
         is :meth:`prepare_relative`'s."""
         raise NotImplementedError(f"{type(self).__name__} has a far_reach but no far_terms")
+
+    def fire_parameters(self) -> "FireParameters | None":
+        """Content site only: the MLP and scalars when the logits term is FIRE's ``f(psi(i - j) r_i)``
+        with ``f`` a one-input ReLU MLP (:class:`posemb.functional.fire.FireParameters`); causal
+        attention over consecutive positions then runs on the fused kernel with the MLP in its piecewise
+        linear form (``posemb.model.fire_attention``). None (the default): not of that form."""
+        return None
 
     def logit_scale(self, head_dim: int) -> float:
         """Multiplier of ``q . k`` (+ relative logits); 1/sqrt(d) unless the paper says otherwise."""

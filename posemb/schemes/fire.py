@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from posemb._validation import check_bool, check_float, check_heads, check_width
-from posemb.functional.fire import fire_normalized_distance
+from posemb.functional.fire import FireParameters, fire_normalized_distance
 from posemb.registry import register
 from posemb.schemes.base import PositionalScheme
 
@@ -86,6 +86,14 @@ class FIRE(PositionalScheme):
             piece = normalized[:, start:start + step]
             pieces.append(checkpoint(self._heads, piece, use_reentrant=False) if recompute else self._heads(piece))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+    def fire_parameters(self) -> FireParameters | None:
+        first, activation, second = self.mlp
+        if not (isinstance(first, nn.Linear) and type(activation) is nn.ReLU and isinstance(second, nn.Linear)
+                and first.bias is not None and second.bias is not None):
+            return None  # (a user replaced the MLP: only the generic path knows its form)
+        return FireParameters(first.weight, first.bias, second.weight, second.bias, self.c, self.threshold_multiplier,
+                              self.threshold, self.eps)
 
     def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
                         *, state: object = None) -> Tensor:
