@@ -61,8 +61,9 @@ def test_forward_equals_reference(q_len, k_len, dtype, tiled):
 
 @pytest.mark.parametrize("q_len,k_len", [(2 * BLOCK_ROWS + 11, 2 * BLOCK_ROWS + 11), (BLOCK_ROWS + 5, 300)])
 def test_gradients_equal_float64(q_len, k_len):
-    """Every gradient (q, k, v, the gate's weight and bias) of the fused path, through its checkpointed
-    blocks, equals autograd through the float64 formula."""
+    """Every gradient (q, k, v, the gate's weight and bias) of the fused path, through its hand-written
+    backward (the kernel's own backward per block, the rows' gradients through key_bias and the gate),
+    equals autograd through the float64 formula."""
     scheme = _gate().double()
     q = torch.randn(1, 3, q_len, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 3, k_len, 8, dtype=torch.float64, requires_grad=True)
@@ -74,6 +75,51 @@ def test_gradients_equal_float64(q_len, k_len):
     expected = torch.autograd.grad((_float64_reference(q, k, v, scheme) * weights).sum(), leaves)
     for name, a, b in zip(("q", "k", "v", "gate_weight", "gate_bias"), ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=f"gradient of {name}")
+
+
+def test_training_takes_the_hand_written_backward_and_plain_autograd_keeps_double_backward(monkeypatch):
+    """With gradients on CPU the fused path is the custom Function (a spy counts it); with
+    _CONTENT_PATH = "autograd" it is the checkpointed blocks, whose second derivative is the formula's."""
+    import posemb.model.key_bias_attention as key_bias
+
+    scheme = _gate().double()
+    q, k, v = (torch.randn(1, 3, BLOCK_ROWS + 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    positions = torch.arange(BLOCK_ROWS + 9)[None]
+    calls = []
+    original = key_bias._KeyBiasAttention.apply
+    monkeypatch.setattr(key_bias._KeyBiasAttention, "apply", lambda *a: calls.append(1) or original(*a))
+    attend(q, k, v, scheme, positions, positions, causal=True).sum().backward()
+    assert calls == [1]
+    monkeypatch.setattr(attention, "_CONTENT_PATH", "autograd")
+    (grad,) = torch.autograd.grad(attend(q, k, v, scheme, positions, positions, causal=True).square().sum(), q,
+                                  create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), q)
+    assert calls == [1]
+    (grad_ref,) = torch.autograd.grad(_float64_reference(q, k, v, scheme).square().sum(), q, create_graph=True)
+    (second_ref,) = torch.autograd.grad(grad_ref.sum(), q)
+    torch.testing.assert_close(second, second_ref, rtol=0, atol=1e-10)
+
+
+def test_bfloat16_gradients_are_as_close_to_float64_as_the_tiled_paths(monkeypatch):
+    """bf16 inputs: every gradient of the fused path within 1.5x the tiled path's own bf16 error, both
+    against float64 on the same bf16-rounded inputs (bf16 rounds the probabilities and the output: errors
+    of 10-20 % of a gradient's size occur on either path here)."""
+    length = BLOCK_ROWS + 40
+    q, k, v = (torch.randn(1, 3, length, 8).bfloat16().double() for _ in range(3))
+    positions = torch.arange(length)[None]
+
+    def gradients(dtype, fused):
+        gate = _gate().to(dtype)
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)] + [gate.gate_weight, gate.gate_bias]
+        monkeypatch.setattr(attention, "_KEY_BIAS_FUSED", fused)
+        out = attend(*leaves[:3], gate, positions, positions, causal=True)
+        monkeypatch.setattr(attention, "_KEY_BIAS_FUSED", True)
+        return torch.autograd.grad(out.double().square().sum(), leaves)
+
+    exact, fused, tiled = gradients(torch.float64, True), gradients(torch.bfloat16, True), gradients(torch.bfloat16, False)
+    for name, a, b, c in zip(("q", "k", "v", "gate_weight", "gate_bias"), fused, tiled, exact):
+        error, tiled_error = (a.double() - c).abs().max().item(), (b.double() - c).abs().max().item()
+        assert error <= 1.5 * tiled_error + 1e-6, (name, error, tiled_error)
 
 
 def test_model_training_step_matches_tiled_path(monkeypatch):

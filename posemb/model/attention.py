@@ -144,7 +144,8 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
             return far_field_attention(q, k, v, scheme, q_positions, k_positions, reach, needs_grad=needs_grad)
     state = scheme.prepare_relative(q, k, q_positions, k_positions)
     hook_options = {} if state is None else {"state": state}
-    if causal and _KEY_BIAS_FUSED and getattr(scheme, "content_key_bias", False):
+    if causal and _KEY_BIAS_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
+            and getattr(scheme, "content_key_bias", False):
         from posemb.model.key_bias_attention import key_bias_attention
 
         return key_bias_attention(q, k, v, scheme, state, needs_grad=needs_grad)
