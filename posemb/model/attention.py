@@ -54,6 +54,9 @@ _FAR_FIELD_FUSED = True
 # attention per query block with the MLP's piecewise linear bias (posemb.model.fire_attention). False: the
 # tiled paths above, the reference the tests compare it against.
 _FIRE_FUSED = True
+# Content schemes with ``cope_parameters`` (CoPE), causal, CPU: whole-row blocks with the position logits as
+# the fused kernel's mask and a hand-written backward (posemb.model.cope_attention). False: the tiled paths.
+_COPE_FUSED = True
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -135,6 +138,12 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
 
         if fire_attention_applies(q, k, v, scheme, q_positions, k_positions):
             return fire_attention(q, k, v, scheme, q_positions, needs_grad=needs_grad)
+    if causal and _COPE_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
+            and scheme.cope_parameters() is not None:
+        from posemb.model.cope_attention import cope_attention, cope_attention_applies  # imports this module
+
+        if cope_attention_applies(q, k, v, scheme):
+            return cope_attention(q, k, v, scheme, needs_grad=needs_grad)
     if causal and _FAR_FIELD_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
             and scheme.far_reach() is not None:
         from posemb.model.far_field_attention import far_field_attention, far_field_reach  # imports this module

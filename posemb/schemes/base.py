@@ -212,6 +212,12 @@ class PositionalScheme(nn.Module):
         linear form (``posemb.model.fire_attention``). None (the default): not of that form."""
         return None
 
+    def cope_parameters(self) -> tuple[Tensor, int] | None:
+        """Content site only: ``(E, npos)`` when the logits term is CoPE's, ``q_i . E[p_ij]`` interpolated at
+        the clipped gate sums ``p_ij`` (``posemb.schemes.cope``); causal attention then runs on the fused
+        kernel with a hand-written backward (``posemb.model.cope_attention``). None (the default)."""
+        return None
+
     def logit_scale(self, head_dim: int) -> float:
         """Multiplier of ``q . k`` (+ relative logits); 1/sqrt(d) unless the paper says otherwise."""
         return head_dim ** -0.5

@@ -28,7 +28,9 @@ class CoPE(PositionalScheme):
 
     The gate sums run over every key from j to the query, so the hooks see whole rows of keys
     (``content_whole_rows``), in blocks of query rows; ``q_i . e[k]`` is an (Lq, npos) table that
-    a gather interpolates, never an (Lq, Lk, d) tensor. Decoding recomputes a query's gates from the
+    a gather interpolates, never an (Lq, Lk, d) tensor. On CPU the attention runs these blocks on the
+    fused kernel with a hand-written backward (:meth:`cope_parameters`, ``posemb.model.cope_attention``);
+    the hooks below are its reference. Decoding recomputes a query's gates from the
     cached keys: they depend on the query, so there is no running sum to carry. Each layer owns
     its embedding ``e`` (npos, head_dim), shared by the heads and zero at initialisation, as in the
     paper's code.
@@ -68,6 +70,9 @@ class CoPE(PositionalScheme):
         hidden = torch.arange(*keys, device=q.device)[None, :] > query_index
         gates = torch.sigmoid(logits).masked_fill(hidden, 0.0)
         return cope_positions(gates, self.npos)
+
+    def cope_parameters(self) -> tuple[Tensor, int]:
+        return self.position_embedding, self.npos
 
     def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor, *,
                         state: Any = None, rows: tuple[int, int] = None, keys: tuple[int, int] = None) -> Tensor:
