@@ -203,3 +203,16 @@ def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
     (grad_naive,) = torch.autograd.grad(naive_cope_autograd(scheme, q, k, v).square().sum(), q, create_graph=True)
     (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
     torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+
+
+def test_a_subclass_with_its_own_term_takes_the_generic_path(monkeypatch):
+    scheme = _scheme()
+
+    class Halved(type(scheme)):
+        def relative_logits(self, *args, **kwargs):
+            return super().relative_logits(*args, **kwargs) / 2
+
+    scheme.__class__ = Halved
+    assert scheme.cope_parameters() is None
+    q, k, v, q_pos, k_pos = _inputs(12, 12)
+    assert not _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch)

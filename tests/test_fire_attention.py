@@ -16,7 +16,7 @@ from posemb.model import fire_attention as fire
 from posemb.model.attention import attend
 
 from test_key_bias_attention import loss_and_gradients
-from test_newer_schemes import naive_attention, naive_fire_bias
+from test_newer_schemes import LargestTensor, naive_attention, naive_fire_bias
 
 
 @pytest.fixture
@@ -271,3 +271,89 @@ def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
                                         create_graph=True)
     (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
     torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+
+
+def test_zero_first_layer_biases_give_autograds_gradients(small_blocks, monkeypatch):
+    """TransformerLM zeroes every Linear bias, so every unit's kink is at n = 0, which every pair at
+    distance 0 hits exactly: there ReLU's gradient is 0 (autograd's choice), for units of either sign of
+    w1. A unit with w1 < 0 then never sees a positive input and gets no gradient at all."""
+    scheme = _scheme(12.0)
+    with torch.no_grad():
+        scheme.mlp[0].bias.zero_()
+    q, k, v, q_pos, k_pos = _inputs(29, 29)
+    leaves = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *scheme.parameters()]
+    ours = torch.autograd.grad(attend(q, k, v, scheme, q_pos, k_pos, causal=True).square().sum(), leaves)
+    expected = torch.autograd.grad(naive_fire_autograd(scheme, q, k, v, q_pos, k_pos).square().sum(), leaves)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    dead = scheme.mlp[0].weight[:, 0] < 0
+    names = [name for name, _ in scheme.named_parameters()]
+    assert bool((ours[3 + names.index("mlp.0.bias")][dead] == 0).all()) and bool(dead.any())
+
+
+def test_kink_table_is_autograds_relu_on_the_kinks():
+    """Points exactly on kinks (single, tied with both signs of w1, at 0) and between them: slope and
+    intercept at the table index give the MLP's value, and the active units are those with a strictly
+    positive input."""
+    from posemb.functional.fire import relu_kink_table
+
+    w1 = torch.tensor([[1.0], [-2.0], [4.0], [-1.0], [0.0], [0.5]], dtype=torch.float64)
+    b1 = torch.tensor([-0.5, 1.0, 0.0, 0.0, 0.3, -0.25], dtype=torch.float64)  # kinks 0.5, 0.5, 0, 0, -, 0.5
+    w2 = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b2 = torch.randn(2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    table = relu_kink_table(w1, b1, w2, b2, torch.float64)
+    points = torch.tensor([-1.0, 0.0, 0.2, 0.5, 0.7], dtype=torch.float64)
+    index = (table.kinks[None] >= points[:, None]).sum(1) + (table.kinks[None] > points[:, None]).sum(1)
+    hidden = points[:, None] * w1[:, 0] + b1
+    torch.testing.assert_close(table.active[index], (hidden > 0).double(), rtol=0, atol=0)
+    torch.testing.assert_close(table.slope[index] * points[:, None] + table.intercept[index],
+                               hidden.clamp(min=0) @ w2.T + b2, rtol=0, atol=1e-14)
+
+
+def test_a_one_head_fire_broadcast_over_more_heads_falls_back(monkeypatch):
+    scheme = _scheme(heads=1)
+    q, k, v, q_pos, k_pos = _inputs(12, 12)
+    assert not _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch)
+    q.requires_grad_(True)
+    attend(q, k, v, scheme, q_pos, k_pos, causal=True).sum().backward()
+    assert q.grad is not None
+
+
+@pytest.mark.parametrize("change", ["fourth layer", "linear subclass", "forward hook", "subclass"])
+def test_changed_mlps_and_subclasses_take_the_generic_path(change, monkeypatch):
+    """What the fused path cannot see (extra layers, a Linear subclass with its own forward, hooks, a
+    FIRE subclass with its own bias) takes the tiled path, which runs the module as it is."""
+    scheme = _scheme()
+    if change == "fourth layer":
+        scheme.mlp.append(torch.nn.Tanh())
+    if change == "linear subclass":
+        class Doubled(torch.nn.Linear):
+            def forward(self, x):
+                return 2 * super().forward(x)
+        doubled = Doubled(scheme.mlp[2].in_features, scheme.mlp[2].out_features).double()
+        doubled.load_state_dict(scheme.mlp[2].state_dict())
+        scheme.mlp[2] = doubled
+    if change == "forward hook":
+        scheme.mlp[2].register_forward_hook(lambda module, inputs, output: output * 3)
+    if change == "subclass":
+        class Shifted(type(scheme)):
+            def fire_bias(self, q_positions, k_positions):
+                return super().fire_bias(q_positions, k_positions) + 1.0
+        scheme.__class__ = Shifted
+    assert scheme.fire_parameters() is None
+    q, k, v, q_pos, k_pos = _inputs(12, 12)
+    assert not _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch)
+
+
+def test_blocks_shrink_with_the_batch_when_positions_differ(monkeypatch):
+    """Positions that differ across the batch give one bias per sequence: the block rows follow the element
+    budget, so no tensor passes a few budgets (here 4 sequences x 2 heads x 300 keys, budget 8 rows' worth)."""
+    budget = 4 * 2 * 300 * 8
+    monkeypatch.setattr(fire, "_TOEPLITZ_BACKWARD_ELEMENTS", budget)
+    scheme = _scheme(40.0, heads=2)
+    q, k, v, q_pos, k_pos = _inputs(300, 300, starts=(0, 3, 50, 100), heads=2)
+    recorder = LargestTensor()
+    with recorder, torch.no_grad():
+        got = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
+    assert recorder.largest <= 2 * budget
+    torch.testing.assert_close(got, _tiled(monkeypatch, q, k, v, scheme, q_pos, k_pos, causal=True), rtol=0, atol=1e-12)

@@ -52,7 +52,7 @@ def relu_segments(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> ReluSegment
     moving = w1 != 0
     breakpoints = torch.sort(-b1[moving] / w1[moving]).values
     # One point inside each segment decides which units are positive there (the segments are open
-    # intervals between kinks; a kink itself has relu = 0 for its unit, a measure-zero set).
+    # intervals between kinks; points exactly on a kink are relu_kink_table's business).
     if breakpoints.numel():
         inner = (breakpoints[1:] + breakpoints[:-1]) / 2
         span = (breakpoints[-1] - breakpoints[0]).abs().clamp(min=1.0)
@@ -61,6 +61,44 @@ def relu_segments(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> ReluSegment
         points = breakpoints.new_zeros(1)
     active = (points[:, None] * w1 + b1 > 0).to(torch.float64)
     return ReluSegments(breakpoints, (active * w1) @ w2.T, b2 + (active * b1) @ w2.T, active)
+
+
+class ReluKinkTable(NamedTuple):
+    """:class:`ReluSegments` indexed for exact comparisons in one dtype, kinks included.
+
+    A point x gets ``index = #{kinks >= x} + #{kinks > x}`` (kinks in ``dtype``): ``2 (K - s)`` strictly
+    inside the segment with s kinks below, and ``2 (K - s) - m`` exactly on a value shared by m kinks
+    (s below it). On a kink the units with that kink are inactive (``relu'(0) = 0``, as autograd has it;
+    the other units are active as on both sides), so the gradients equal autograd's there too: every
+    pair at distance 0 has ``n = 0``, the kink of each unit with ``b1 = 0`` (the model's zero bias
+    initialisation). Rows of ``active``/``slope``/``intercept`` no point can reach (inside a run of
+    tied kinks) repeat the tied point's."""
+
+    kinks: Tensor      # (K,) ascending, in the comparison dtype
+    slope: Tensor      # (2K + 1, heads) float64
+    intercept: Tensor  # (2K + 1, heads) float64
+    active: Tensor     # (2K + 1, n) float64
+
+
+def relu_kink_table(w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, dtype: torch.dtype) -> ReluKinkTable:
+    """:class:`ReluKinkTable` of ``b2 + w2 relu(w1 x + b1)`` (shapes as :func:`relu_segments`) for points
+    compared in ``dtype``."""
+    segments = relu_segments(w1, b1, w2, b2)
+    kinks = segments.breakpoints.to(dtype)
+    count = kinks.numel()
+    active = segments.active.new_zeros(2 * count + 1, segments.active.shape[1])
+    for below in range(count + 1):          # strictly inside segment `below`
+        active[2 * (count - below)] = segments.active[below]
+    below = 0
+    while below < count:                    # exactly on a value shared by kinks below .. below + ties - 1
+        ties = int((kinks[below:] == kinks[below]).sum())
+        on_kink = segments.active[below] * segments.active[below + ties]
+        for index in range(2 * (count - below - ties) + 1, 2 * (count - below)):
+            active[index] = on_kink
+        below += ties
+    w1, b1, w2, b2 = (t.detach().to(torch.float64).reshape(shape) for t, shape in
+                      ((w1, (-1,)), (b1, (-1,)), (w2, (w2.shape[0], -1)), (b2, (-1,))))
+    return ReluKinkTable(kinks, (active * w1) @ w2.T, b2 + (active * b1) @ w2.T, active)
 
 
 class FireParameters(NamedTuple):

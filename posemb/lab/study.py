@@ -67,10 +67,8 @@ OPT_IN_SCHEMES: dict[str, str] = {
     "axial_rope": "a 2-D vision rotary: byte sequences have no (h, w) grid, so it would reduce to a rope variant",
     "rope_mixed": "a 2-D vision rotary with learned frequencies: byte sequences have no (h, w) grid",
     "mla": "changes the attention module (decoupled rope sub-head, shared rope key), not only the positions",
-    "fire": "its MLP runs on every (query, key) pair: no-grad evaluation at 2048 tokens measured about 34x "
-            "rope's time, which would dominate the default study",
-    "cope": "content-dependent positions over whole key rows: training step about 2.3x rope's, no-grad "
-            "evaluation at 2048 tokens about 19x",
+    "cope": "content-dependent positions over whole key rows: one study run trains at about 0.5x rope's tokens/s "
+            "(fused path, bench/study/perscheme.py), and the default study is already over its 15-minute budget",
     "nope_temperature": "with Llama 4's floor_scale 8192 its query scale is 1 below position 8191, so at every "
                         "length the study scores (<= 2048) it is exactly the nope row",
 }

@@ -9,8 +9,10 @@ But a one-input ReLU MLP is piecewise linear, ``f(n) = slope[s] n + intercept[s]
 (:func:`posemb.functional.fire.relu_segments`), and along a row of the causal block ``n`` is monotone in
 the key (``psi`` grows with the distance), so each row splits into at most w + 1 runs of keys:
 
-* segments: one batched ``searchsorted`` of the kinks in each row of ``-n`` (ascending), ones scattered
-  at the run boundaries and a cumulative sum give every pair's segment count (no per-pair search);
+* segments: two batched ``searchsorted`` of the kinks in each row of ``-n`` (ascending; left and right,
+  so that a pair exactly on a kink gets a segment of its own, where that kink's units are inactive as
+  autograd's ``relu'(0) = 0`` has it: :func:`posemb.functional.fire.relu_kink_table`), ones scattered at
+  the run boundaries and a cumulative sum give every pair's segment index (no per-pair search);
 * bias: one ``embedding`` lookup of (slope, intercept) per pair, one multiply-add per head;
 * attention: ``_scaled_dot_product_flash_attention_for_cpu`` per query block with that bias as its
   additive mask (the causal triangle of the block set to -inf), returning each row's log-sum-exp.
@@ -21,7 +23,7 @@ that ``psi(i - j)`` is a strided view ``psi_rev[u + i' + j]`` of one table: no (
 Backward, per sub-block (:func:`posemb.kernels.flex.backward_sub_blocks`): recompute the bias,
 ``P``, ``dS`` and the q, k, v gradients (:func:`posemb.kernels.flex.block_scores_backward`); ``dS``
 summed over the batch is the bias gradient ``G``. With ``A[s] = sum over segment s of G n`` and
-``B[s] = sum of G`` (two ``scatter_add`` over the segment counts), the MLP's gradients are small sums
+``B[s] = sum of G`` (per row, differences of cumulative sums at the run edges), the MLP's gradients are small sums
 over segments, ``dW2[h, k] = sum_s active[s, k] (w1_k A[s, h] + b1_k B[s, h])``,
 ``dw1_k = sum_h W2[h, k] sum_s active[s, k] A[s, h]``, ``db1`` the same with B, ``db2 = sum_s B``; and
 ``dL/dn = sum_h G_h slope_h[s]`` goes to the ``psi`` table (anti-diagonal sums, as the Toeplitz path's
@@ -41,19 +43,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from posemb.functional.fire import relu_segments
+from posemb.functional.fire import relu_kink_table
 from posemb.functional.relative import consecutive_offset
-from posemb.kernels.flex import (QUERY_BLOCK, _antidiagonal_sums, _toeplitz_blocks, backward_sub_blocks,
-                                 block_input_gradients, block_scores_backward)
+from posemb.kernels.flex import (_TOEPLITZ_BACKWARD_ELEMENTS, QUERY_BLOCK, _antidiagonal_sums, _toeplitz_blocks,
+                                 backward_sub_blocks, block_input_gradients, block_scores_backward)
 
 _DTYPES = (torch.float32, torch.float64)
 
 
 def fire_attention_applies(q: Tensor, k: Tensor, v: Tensor, scheme, q_positions: Tensor, k_positions: Tensor) -> bool:
     """Whether this causal call can take the fused FIRE path (see the module): CPU tensors of one supported
-    dtype and batch size, values as wide as the keys, at least as many keys as queries, not traced, and
+    dtype and batch size, as many heads as the scheme's MLP (a one-head FIRE broadcast over more heads
+    takes the tiled path), values as wide as the keys, at least as many keys as queries, not traced, and
     consecutive positions with the queries the last Lq keys (one host synchronisation)."""
-    if scheme.fire_parameters() is None or q.device.type != "cpu" or q.dtype not in _DTYPES \
+    parameters = scheme.fire_parameters()
+    if parameters is None or parameters.w2.shape[0] != q.shape[1] or q.device.type != "cpu" or q.dtype not in _DTYPES \
             or not (q.dtype == k.dtype == v.dtype) or v.shape[-1] != q.shape[-1] or k.shape[-2] < q.shape[-2] \
             or torch.compiler.is_compiling() or not (q.shape[0] == k.shape[0] == v.shape[0]) \
             or not (q.shape[1] == k.shape[1] == v.shape[1]):
@@ -94,29 +98,34 @@ class _Call:
 
     def __init__(self, q: Tensor, tensors: tuple, q_positions: Tensor, k_len: int, threshold: float, eps: float):
         w1, b1, w2, b2, c, multiplier = tensors
-        self.segments = relu_segments(w1, b1, w2, b2)
-        self.kinks = (-self.segments.breakpoints).to(q.dtype)  # -n < -kink  <=>  n > kink
+        self.segments = relu_kink_table(w1, b1, w2, b2, q.dtype)
+        self.kinks = -self.segments.kinks  # in m = -n: m < -kink  <=>  n > kink
         self.count = self.kinks.numel()
-        # Indexed by the number of kinks at or past a pair's -n: segment count - that number.
-        self.coefficients = torch.cat([self.segments.slope, self.segments.intercept], 1).flip(0).to(q.dtype)
+        # indexed by #{kinks >= n} + #{kinks > n} (ReluKinkTable)
+        self.coefficients = torch.cat([self.segments.slope, self.segments.intercept], 1).to(q.dtype)
         self.heads, self.q_len, self.k_len = w2.shape[0], q.shape[-2], k_len
-        self.block = min(QUERY_BLOCK, self.q_len)
+        # rows per block: QUERY_BLOCK, fewer when the bias (batch or 1, heads, rows, Lk) would pass the
+        # Toeplitz backward's element budget (its (rows, Lk, 2 heads) coefficients are twice that)
+        per_row = q_positions.shape[0] * self.heads * k_len
+        self.block = max(1, min(QUERY_BLOCK, self.q_len, _TOEPLITZ_BACKWARD_ELEMENTS // per_row))
         with torch.no_grad():
             psi_rev, r = _tables(c, multiplier, q_positions, k_len, threshold, eps, self.block)
         self.psi_rev, self.r_rev = psi_rev.to(q.dtype), r.flip(-1).to(q.dtype).contiguous()
 
     def block_terms(self, start: int, stop: int, keys: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Rows [start, stop) reversed against keys [0, keys): ``(bias, m, boundaries, coef)``, the bias
+        """Rows [start, stop) reversed against keys [0, keys): ``(bias, m, runs, coef)``, the bias
         (batch or 1, heads, rows, keys) with the causal triangle at -inf, ``m = -n`` (batch or 1, rows,
-        keys), the keys where each row's runs start (batch or 1, rows, kinks + 2: 0, the kink crossings in
-        ascending order, keys; run t holds the pairs past t kinks) and each pair's (slope, intercept)
+        keys), the keys where each row's runs start (batch or 1, rows, 2 kinks + 2: 0, the kink crossings in
+        ascending order, keys; run t holds the pairs of table index t) and each pair's (slope, intercept)
         ``coef`` (..., 2 heads)."""
         rows, heads = stop - start, self.heads
         psi = self.psi_rev.as_strided((rows, keys), (1, 1), self.k_len - keys)
         r = self.r_rev[:, self.q_len - stop:self.q_len - start]
         # (into a contiguous tensor: the product would take the overlapping view's transposed strides)
         m = torch.mul(psi, r[..., None], out=psi.new_empty(r.shape[0], rows, keys)).neg_()  # ascending rows
-        boundaries = torch.searchsorted(m, self.kinks.expand(*m.shape[:-1], self.count).contiguous())
+        kinks = self.kinks.expand(*m.shape[:-1], self.count).contiguous()
+        # key j is at or past boundary (left) when n_j <= kink, past (right) when n_j < kink
+        boundaries = torch.cat([torch.searchsorted(m, kinks), torch.searchsorted(m, kinks, right=True)], -1)
         marks = torch.zeros(*m.shape[:-1], keys + 1, dtype=torch.int32, device=m.device)
         marks.scatter_add_(-1, boundaries, torch.ones_like(boundaries, dtype=torch.int32))
         index = marks[..., :keys].cumsum(-1, dtype=torch.int32)
@@ -127,7 +136,7 @@ class _Call:
         # reversed row i' sees keys j <= keys - 1 - i': the last `rows` columns hold the causal triangle
         hidden = torch.ones(rows, rows, dtype=torch.bool, device=m.device).triu_(1).flip(0)
         bias[..., keys - rows:].masked_fill_(hidden, float("-inf"))
-        edges = boundaries.flip(-1)  # the kinks are descending, so their crossings are too
+        edges = boundaries.sort(-1).values
         runs = torch.cat([edges.new_zeros(*edges.shape[:-1], 1), edges, edges.new_full((*edges.shape[:-1], 1), keys)], -1)
         return bias, m, runs, coef
 
@@ -178,8 +187,8 @@ class _FIREAttention(torch.autograd.Function):
         outputs, lses = saved[:len(blocks)], saved[len(blocks):]
         scale, heads, count = call.scale, call.heads, call.count
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        sum_g = q.new_zeros(heads, count + 1)    # B, by run (kinks passed)
-        sum_gm = q.new_zeros(heads, count + 1)   # -A, by run
+        sum_g = q.new_zeros(heads, 2 * count + 1)    # B, by table index
+        sum_gm = q.new_zeros(heads, 2 * count + 1)   # -A, by table index
         d_psi = q.new_zeros(call.psi_rev.shape)
         d_r = torch.zeros_like(call.r_rev)
         for start, stop, keys, out, lse in backward_sub_blocks(blocks, outputs, lses, q.shape[0] * heads, True):
@@ -211,9 +220,8 @@ def _parameter_gradients(call: _Call, tensors: tuple, sum_g: Tensor, sum_gm: Ten
     """The gradients of (w1, b1, w2, b2, c, multiplier) from the per-segment sums and the table gradients."""
     w1, b1, w2, b2, c, multiplier = tensors
     segments = call.segments
-    # back to segment order (the sums are by kinks passed, segment = kinks - kinks passed), float64
-    by_segment_g = sum_g.to(torch.float64).flip(1).T        # (K + 1, heads): B
-    by_segment_gn = -sum_gm.to(torch.float64).flip(1).T     # A
+    by_segment_g = sum_g.to(torch.float64).T        # (2K + 1, heads): B, by table index
+    by_segment_gn = -sum_gm.to(torch.float64).T     # A
     moving_w1 = w1.detach().to(torch.float64).reshape(-1)
     bias1 = b1.detach().to(torch.float64).reshape(-1)
     weights2 = w2.detach().to(torch.float64).reshape(w2.shape[0], -1)

@@ -19,7 +19,7 @@ forward + backward in about half the tiled path's time.
 With autograd on CPU (:class:`_KeyBiasAttention`): each block runs PyTorch's fused CPU flash kernel
 (``_scaled_dot_product_flash_attention_for_cpu``), which returns the rows' log-sum-exps, and only the
 block's output and log-sum-exps are kept; the backward rebuilds the block's q', k' and calls the kernel's
-own backward, whose gradient of the extra key channel is ``d b_j / scale``. The rows' gradients then go
+own backward, whose gradient of the extra key channel is ``scale dL/db_j`` (the channel holds b_j / scale). The rows' gradients then go
 back through ``key_bias`` and the per-call state to k and the scheme's parameters by autograd, once.
 Before, each block ran under ``torch.utils.checkpoint``, which repeats the block's forward in the
 backward pass: a 2048-token training step (``posemb bench --sections step``) took 1.65x NoPE's time. That
@@ -139,7 +139,8 @@ class _KeyBiasAttention(torch.autograd.Function):
         kept: list[tuple[Tensor, Tensor]] = []
         with torch.enable_grad():
             leaf_state = _state_leaves(state, kept, None, None)
-        rows_out, rows_grad = [], []
+        leaves = [leaf for _, leaf in kept]
+        state_grads: list[Tensor | None] = [None] * len(leaves)
         for (start, stop), out, lse in zip(blocks, outputs, lses):
             key_stop = stop + offset
             with torch.enable_grad():
@@ -151,12 +152,11 @@ class _KeyBiasAttention(torch.autograd.Function):
             dq[:, :, start:stop] = gq[..., :head_dim].flip(2)
             dk[:, :, :key_stop] += gk[..., :head_dim]
             dv[:, :, :key_stop] += gv[..., :head_dim]
-            if row.requires_grad:
-                rows_out.append(row)
-                rows_grad.append((gk[..., head_dim] / scale).to(row.dtype))
-        leaves = [leaf for _, leaf in kept]
-        state_grads = torch.autograd.grad(rows_out, leaves, rows_grad, allow_unused=True) if rows_out and leaves \
-            else [None] * len(leaves)
+            if row.requires_grad and leaves:
+                # (block by block: keeping every block's row and graph for one call would hold
+                # batch * heads * Lq * Lk / BLOCK_ROWS values)
+                got = torch.autograd.grad(row, leaves, (gk[..., head_dim] / scale).to(row.dtype), allow_unused=True)
+                state_grads = [g if a is None else a if g is None else a.add_(g) for a, g in zip(state_grads, got)]
         return (dq, dk, dv, None, *state_grads)
 
 

@@ -71,7 +71,11 @@ class CoPE(PositionalScheme):
         gates = torch.sigmoid(logits).masked_fill(hidden, 0.0)
         return cope_positions(gates, self.npos)
 
-    def cope_parameters(self) -> tuple[Tensor, int]:
+    def cope_parameters(self) -> tuple[Tensor, int] | None:
+        """``(E, npos)`` for the fused path, or None for a subclass that changes how the term is computed."""
+        own = CoPE.__dict__
+        if any(getattr(type(self), name) is not own[name] for name in ("contextual_positions", "relative_logits")):
+            return None
         return self.position_embedding, self.npos
 
     def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor, *,

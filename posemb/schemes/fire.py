@@ -28,8 +28,10 @@ class FIRE(PositionalScheme):
 
     The bias depends on the query position ``i`` itself through ``max(L, i)``, not only on
     ``i - j``, so it runs at the content site, block by block (never an (L, L) tensor without
-    autograd); with autograd the MLP's hidden layer is recomputed in the backward pass
-    (``torch.utils.checkpoint``) rather than kept for every (query, key) pair. Shifting all
+    autograd). Causal calls over consecutive positions on CPU take the fused path
+    (:meth:`fire_parameters`, ``posemb.model.fire_attention``: the MLP in piecewise linear form, a
+    hand-written backward); elsewhere the hooks below run, and with autograd the MLP's hidden layer is
+    recomputed in the backward pass (``torch.utils.checkpoint``) rather than kept for every pair. Shifting all
     positions changes the output once they pass L (``translation_invariant = False``).
 
     Args:
@@ -88,10 +90,22 @@ class FIRE(PositionalScheme):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
     def fire_parameters(self) -> FireParameters | None:
-        first, activation, second = self.mlp
-        if not (isinstance(first, nn.Linear) and type(activation) is nn.ReLU and isinstance(second, nn.Linear)
-                and first.bias is not None and second.bias is not None):
-            return None  # (a user replaced the MLP: only the generic path knows its form)
+        """The MLP and scalars for the fused path, or None when only the generic path knows the bias: an MLP
+        that is not exactly Linear, ReLU, Linear with biases (a user replaced or extended it, or uses a
+        Linear subclass, e.g. a fake-quantised one), hooks on the MLP or its layers, or a subclass that
+        overrides how the bias is computed."""
+        layers = list(self.mlp)
+        if len(layers) != 3 or type(layers[0]) is not nn.Linear or type(layers[1]) is not nn.ReLU \
+                or type(layers[2]) is not nn.Linear or layers[0].bias is None or layers[2].bias is None \
+                or layers[0].in_features != 1:
+            return None
+        if any(module._forward_hooks or module._forward_pre_hooks for module in (self.mlp, *layers)) \
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return None
+        own = FIRE.__dict__
+        if any(getattr(type(self), name) is not own[name] for name in ("fire_bias", "_heads", "relative_logits")):
+            return None
+        first, _, second = layers
         return FireParameters(first.weight, first.bias, second.weight, second.bias, self.c, self.threshold_multiplier,
                               self.threshold, self.eps)
 
