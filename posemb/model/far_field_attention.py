@@ -113,7 +113,28 @@ def _far_operands(q: Tensor, k: Tensor, v: Tensor, terms: FarTerms, reach: int):
     square = q_len - first == far_keys
     mask = None if square else torch.zeros(q_len - first, far_keys, dtype=q.dtype, device=q.device).masked_fill_(
         ~_attention.causal_mask(q_len - first, far_keys, q.device), float("-inf"))
-    return first, q_far.contiguous(), k_far.contiguous(), v_far.contiguous(), square, mask
+    # (no .contiguous(): the kernel takes strided q, k, v, e.g. the slices above or the attention's permuted
+    # views of its packed projection, and copies of them were three more (Lq, d) tensors at the peak)
+    return first, q_far, k_far, v_far, square, mask
+
+
+def _head_groups(q: Tensor, terms: FarTerms) -> list[slice]:
+    """Heads per far-field kernel call: all of them when q, k, v go in as they are (views, no copies);
+    with a per-key row (q', k', v' widened copies, DeBERTa) groups whose three copies together hold about a
+    quarter of the output's elements, so that a no-grad call's peak stays near plain attention's."""
+    heads = q.shape[1]
+    if terms.row is None:
+        return [slice(0, heads)]
+    per_head = 3 * q.shape[0] * q.shape[2] * (q.shape[3] + 1)
+    size = max(1, min(heads, q.shape[0] * heads * q.shape[2] * q.shape[3] // (4 * per_head)))
+    return [slice(start, min(heads, start + size)) for start in range(0, heads, size)]
+
+
+def _heads_of(terms: FarTerms, group: slice, heads: int) -> FarTerms:
+    """``terms`` restricted to a group of heads (terms broadcast over the heads stay as they are)."""
+    def pick(tensor):
+        return tensor if tensor is None or tensor.dim() < 2 or tensor.shape[1] != heads else tensor[:, group]
+    return FarTerms(pick(terms.column), pick(terms.row), pick(terms.value))
 
 
 def _band_keys(rows: tuple[int, int], q_len: int, k_len: int, reach: int) -> tuple[int, int]:
@@ -149,31 +170,39 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positi
     hook_options = {} if state is None else {"state": state}
     terms = scheme.far_terms(q, k, **hook_options)
     stats = torch.float64 if q.dtype == torch.float64 else torch.float32
-    first, q_far, k_far, v_far, square, mask = _far_operands(q, k, v, terms, reach)
-    far_out, far_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_far, k_far, v_far, 0.0, square, attn_mask=mask, scale=scale)
     lse_far = q.new_full((batch, heads, q_len), float("-inf"), dtype=stats)
-    lse_far[:, :, first:] = far_lse
-    far = q.new_zeros(batch, heads, q_len, head_dim, dtype=stats)
-    far[:, :, first:] = far_out[..., :head_dim]
+    # The output buffer starts as the far part; each band block is merged into its rows in place, so the
+    # peak holds this buffer and one group of heads' kernel operands, not whole-length far and band copies.
+    out = q.new_zeros(batch, heads, q_len, head_dim, dtype=stats)
+    for group in _head_groups(q, terms):
+        first, q_far, k_far, v_far, square, mask = _far_operands(q[:, group], k[:, group], v[:, group],
+                                                                 _heads_of(terms, group, heads), reach)
+        far_out, far_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_far, k_far, v_far, 0.0, square, attn_mask=mask, scale=scale)
+        del q_far, k_far, v_far, mask
+        lse_far[:, group, first:] = far_lse
+        out[:, group, first:] = far_out[..., :head_dim]
+        del far_out
     if terms.value is not None:
-        far[:, :, first:] += terms.value.to(stats)
-    band = torch.empty_like(far)
-    lse_band = torch.empty_like(lse_far)
+        out[:, :, first:] += terms.value.to(stats)
+    lse = torch.empty_like(lse_far)
     rows = band_rows(batch * heads)
     for start in range(0, q_len, rows):
         stop = min(q_len, start + rows)
         scores, keys = _band_logits(q, k, scheme, q_positions, k_positions, hook_options, scale, terms.column,
                                     reach, (start, stop))
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = scores.sub_(lse).exp_().to(v.dtype)
+        lse_band = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = scores.sub_(lse_band).exp_().to(v.dtype)
         values = probs @ v[:, :, keys[0]:keys[1]]
         extra = scheme.relative_values(probs, q_positions[:, start:stop], k_positions[:, keys[0]:keys[1]],
                                        **hook_options, **_attention._block_indices(scheme, (start, stop), keys))
-        band[:, :, start:stop] = values if extra is None else values + extra
-        lse_band[:, :, start:stop] = lse[..., 0]
-    lse = torch.logaddexp(lse_far, lse_band)
-    out = far.mul_((lse_far - lse).exp_()[..., None]).add_(band.mul_((lse_band - lse).exp_()[..., None]))
+        if extra is not None:
+            values = values + extra
+        block_far = lse_far[:, :, start:stop, None]
+        merged = torch.logaddexp(block_far, lse_band.to(stats))
+        rows_out = out[:, :, start:stop]
+        rows_out.mul_((block_far - merged).exp_()).add_(values.to(stats) * (lse_band.to(stats) - merged).exp_())
+        lse[:, :, start:stop] = merged[..., 0]
     return out.to(q.dtype), lse, lse_far
 
 
