@@ -38,6 +38,10 @@ from torch.autograd.function import once_differentiable
 from posemb.model import attention as _attention
 
 _DTYPES = (torch.float32, torch.float64)
+#: logits (batch * heads * rows * keys) per block, at most: a block holds about ten tensors of that size at
+#: once (scores, gates, positions, weights, the two gathered tables, an int64 index). Training step of the
+#: bench's model at 2048 / its peak at 4096 (2 threads): 2^21 600-632 ms / 333-339 MiB, 2^19 542 ms / 315 MiB
+BLOCK_ELEMENTS = 1 << 19
 
 
 def cope_attention_applies(q: Tensor, k: Tensor, v: Tensor, scheme) -> bool:
@@ -62,7 +66,7 @@ def _blocks(q: Tensor, k: Tensor) -> list[tuple[int, int, int]]:
     """(start, stop, keys) of the query blocks: about ``_CONTENT_RECOMPUTE_ELEMENTS`` logits each."""
     batch, heads, q_len = q.shape[:3]
     offset = k.shape[-2] - q_len
-    budget = max(1, _attention._CONTENT_RECOMPUTE_ELEMENTS // (batch * heads))
+    budget = max(1, min(_attention._CONTENT_RECOMPUTE_ELEMENTS, BLOCK_ELEMENTS) // (batch * heads))
     blocks, start = [], 0
     while start < q_len:
         stop = start + _attention._rows_within(budget, q_len - start, k.shape[-2], start + offset)
@@ -91,10 +95,10 @@ class _Block:
         # p_u = sum_{t <= u} g_t, ascending along each row: keys past the clip all sit at npos - 1
         self.positions = gates.cumsum(-1).clamp_(max=npos - 1)
         floor = self.positions.floor()
-        self.weight = self.positions - floor                                          # w = p - floor p
+        index = floor.long()
+        self.weight = floor.neg_().add_(self.positions)                               # w = p - floor p
         table = torch.matmul(self.q, embedding.to(q.dtype).T)                          # T = q E^T, (B, H, r, npos)
         steps = torch.nn.functional.pad(table.diff(dim=-1), (0, 1))                   # T[n + 1] - T[n], 0 at the clip
-        index = floor.long()
         # (two gathers: measured 2x faster than one embedding lookup of (T, dT) pairs)
         self.low, self.step = table.gather(-1, index), steps.gather(-1, index)        # T[f], dT[f]
         del index
@@ -125,10 +129,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, embedding: Tensor, npos: int, scal
     outputs, lses = [], []
     for start, stop, keys in blocks:
         block = _Block(q, k, embedding, npos, scale, start, stop, keys)
+        z = block.position_logits()
+        del block.scores, block.gates, block.positions, block.weight, block.low, block.step
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            block.q, block.k, v[:, :, :keys].flip(2), attn_mask=block.position_logits(), scale=scale)[:2]
+            block.q, block.k, v[:, :, :keys].flip(2), attn_mask=z, scale=scale)[:2]
         outputs.append(out)
         lses.append(lse)
+        del block, z
     result = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return result, lses, blocks
 
@@ -158,6 +165,7 @@ class _CoPEAttention(torch.autograd.Function):
             grad_block = grad[:, :, start:stop]
             # P = exp(s - lse), dS = P (dO v^T - D)
             probs = block.position_logits().add_(block.scores).sub_(lse[..., None]).exp_()
+            del block.scores, block.low  # (each block-sized: free them as soon as they are used)
             dscores = torch.matmul(grad_block, v_block.transpose(-1, -2)).sub_(delta[:, :, start:stop]).mul_(probs)
             dv[:, :, :keys] += torch.matmul(probs.transpose(-1, -2), grad_block).flip(2)
             del probs
@@ -166,7 +174,9 @@ class _CoPEAttention(torch.autograd.Function):
             d_steps = block.run_sums(dscores * block.weight)
             d_table[..., 1:] += d_steps[..., :-1]
             d_table[..., :-1] -= d_steps[..., :-1]
+            del block.weight, block.positions, block._edges
             d_positions = dscores * block.step
+            del block.step
             # p_u = sum_{t <= u} g_t  =>  dg_t = sum_{u >= t} dp_u = total - (sum_{u < t} dp_u); then the sigmoid
             running = d_positions.cumsum(-1)
             d_gates = d_positions.sub_(running).add_(running[..., -1:])
@@ -176,4 +186,5 @@ class _CoPEAttention(torch.autograd.Function):
             dq[:, :, start:stop] = torch.matmul(d_logits, block.k) + torch.matmul(d_table, weights)
             dk[:, :, :keys] += torch.matmul(d_logits.transpose(-1, -2), block.q).flip(2)
             d_embedding += torch.einsum("bhrn,bhrd->nd", d_table, block.q)
+            del block, d_logits  # before the next block's tensors exist
         return dq, dk, dv, d_embedding.to(embedding.dtype), None
