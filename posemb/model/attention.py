@@ -57,6 +57,10 @@ _FIRE_FUSED = True
 # Content schemes with ``cope_parameters`` (CoPE), causal, CPU: whole-row blocks with the position logits as
 # the fused kernel's mask and a hand-written backward (posemb.model.cope_attention). False: the tiled paths.
 _COPE_FUSED = True
+# Content schemes with ``relative_key_terms`` (Transformer-XL), causal, CPU, consecutive positions: the fused
+# CPU kernel with the positional scores as a strided mask and a hand-written backward
+# (posemb.model.relative_keys_attention). False: the tiled paths.
+_RELATIVE_KEYS_FUSED = True
 
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> Tensor:
@@ -144,6 +148,12 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
 
         if cope_attention_applies(q, k, v, scheme):
             return cope_attention(q, k, v, scheme, needs_grad=needs_grad)
+    if causal and _RELATIVE_KEYS_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
+            and scheme.relative_key_terms() is not None:
+        from posemb.model.relative_keys_attention import relative_keys_attention, relative_keys_attention_applies
+
+        if relative_keys_attention_applies(q, k, v, scheme, q_positions, k_positions):
+            return relative_keys_attention(q, k, v, scheme, needs_grad=needs_grad)
     if causal and _FAR_FIELD_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
             and scheme.far_reach() is not None:
         from posemb.model.far_field_attention import far_field_attention, far_field_reach  # imports this module

@@ -218,6 +218,13 @@ class PositionalScheme(nn.Module):
         kernel with a hand-written backward (``posemb.model.cope_attention``). None (the default)."""
         return None
 
+    def relative_key_terms(self) -> "RelativeKeyTerms | None":
+        """Content site only: the terms when the logits are Transformer-XL's
+        ``(q_i + u) . k_j + (q_i + v) . r_{i-j}`` (:class:`RelativeKeyTerms`); causal attention over
+        consecutive positions then runs on the fused kernel with a hand-written backward
+        (``posemb.model.relative_keys_attention``). None (the default): not of that form."""
+        return None
+
     def logit_scale(self, head_dim: int) -> float:
         """Multiplier of ``q . k`` (+ relative logits); 1/sqrt(d) unless the paper says otherwise."""
         return head_dim ** -0.5
@@ -228,6 +235,14 @@ class PositionalScheme(nn.Module):
 
     def extra_repr(self) -> str:
         return f"site={self.site}"
+
+
+class RelativeKeyTerms(NamedTuple):
+    """Transformer-XL's logits ``(q_i + u) . k_j + (q_i + v) . r_{i-j}`` (before ``logit_scale``)."""
+
+    embed: Any              # distances (n,) -> r, (heads, n, head_dim), differentiable
+    content_bias: Tensor    # u, (heads, head_dim)
+    position_bias: Tensor   # v, (heads, head_dim)
 
 
 class FarTerms(NamedTuple):

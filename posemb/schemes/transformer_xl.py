@@ -35,7 +35,7 @@ from posemb.functional.relative import (DistanceTable, consecutive_offset, dista
                                         gather_relative, query_minus_key, toeplitz_scores)
 from posemb.functional.sinusoidal import sinusoid_concat
 from posemb.registry import register
-from posemb.schemes.base import PositionalScheme
+from posemb.schemes.base import PositionalScheme, RelativeKeyTerms
 
 
 @register("transformer_xl")
@@ -108,6 +108,13 @@ class TransformerXLRelative(PositionalScheme):
             positional = gather_relative(shifted_q @ r.transpose(-1, -2), index)
         content = (k @ self.content_bias.to(k.dtype)[:, :, None]).transpose(-1, -2)   # (c): (B, H, 1, Lk)
         return positional, content
+
+    def relative_key_terms(self) -> RelativeKeyTerms | None:
+        """``(W_R R_d, u, v)`` for the fused path, or None for a subclass that computes its terms another way."""
+        own = TransformerXLRelative.__dict__
+        if any(getattr(type(self), name) is not own[name] for name in ("relative_logits", "relative_embeddings")):
+            return None
+        return RelativeKeyTerms(self.relative_embeddings, self.content_bias, self.position_bias)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, base={self.base}"
