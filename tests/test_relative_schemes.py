@@ -278,10 +278,12 @@ def test_no_grad_forward_keeps_every_tensor_within_about_one_tile(name, options,
     is the attention's own choice (~1/8 of the output, at least 2^16 elements); Transformer-XL's
     per-distance scores are (rows, rows + keys - 1), 1.13 tiles here. Then the same forward through
     the autograd path (one whole (L, L) block per head) gives the same result. (Causal Shaw and DeBERTa
-    would take the far-field path; its own bound is in test_far_field_attention.py.)"""
+    would take the far-field path, causal Transformer-XL its fused path; their own bounds are in
+    test_far_field_attention.py and test_relative_keys_attention.py.)"""
     import posemb.model.attention as attention
 
     monkeypatch.setattr(attention, "_FAR_FIELD_FUSED", False)
+    monkeypatch.setattr(attention, "_RELATIVE_KEYS_FUSED", False)
 
     length, heads, head_dim = 1024, 2, 16
     scheme = randomise(posemb.build(name, **options))
@@ -315,6 +317,7 @@ def test_transformer_xl_embeds_each_distance_range_once_per_call(monkeypatch):
             return super()._embed(low, high)
 
     monkeypatch.setattr(txl, "DistanceTable", Recording)
+    monkeypatch.setattr(attention, "_RELATIVE_KEYS_FUSED", False)  # (the tiled path's table; the fused one embeds once)
     length, heads, head_dim = 512, 2, 16
     scheme = posemb.build("transformer_xl", dim=heads * head_dim, num_heads=heads)
     q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))

@@ -55,16 +55,24 @@ def relative_keys_attention(q: Tensor, k: Tensor, v: Tensor, scheme, *, needs_gr
     terms = scheme.relative_key_terms()
     scale = scheme.logit_scale(q.shape[-1])
     k_len = k.shape[-2]
+    block = _block_rows(q, k_len)
     with torch.enable_grad() if needs_grad else torch.no_grad():
         # r_d for d = Lk - 1 .. 0 (descending), then zero rows for the distances past the diagonal
         distances = torch.arange(k_len - 1, -1, -1, device=q.device)
         table = terms.embed(distances).to(q.dtype)                                     # (H, Lk, d)
-        table = torch.cat([table, table.new_zeros(table.shape[0], min(QUERY_BLOCK, q.shape[-2]), table.shape[-1])], 1)
+        table = torch.cat([table, table.new_zeros(table.shape[0], block, table.shape[-1])], 1)
         content_bias, position_bias = terms.content_bias.to(q.dtype), terms.position_bias.to(q.dtype)
     if not needs_grad:
         with torch.no_grad():
             return _forward(q, k, v, table, content_bias, position_bias, scale)[0]
     return _RelativeKeysAttention.apply(q, k, v, table, content_bias, position_bias, scale)
+
+
+def _block_rows(q: Tensor, k_len: int) -> int:
+    """Query rows per block: QUERY_BLOCK, fewer when a block's per-distance scores (batch, heads, rows,
+    rows + Lk - 1) would pass the Toeplitz backward's element budget (so a no-grad call's peak stays a few
+    such blocks beside the output)."""
+    return max(1, min(QUERY_BLOCK, q.shape[-2], _TOEPLITZ_BACKWARD_ELEMENTS // (q.shape[0] * q.shape[1] * k_len)))
 
 
 def _block_positional(q: Tensor, table: Tensor, position_bias: Tensor, scale: float, start: int, stop: int,
@@ -85,7 +93,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, table: Tensor, content_bias: Tenso
              scale: float):
     q_len, k_len = q.shape[-2], k.shape[-2]
     q_content = q + content_bias[:, None, :]                                           # q_i + u
-    blocks = _toeplitz_blocks(q_len, k_len, True, min(QUERY_BLOCK, q_len))
+    blocks = _toeplitz_blocks(q_len, k_len, True, _block_rows(q, k_len))
     outputs, lses = [], []
     for start, stop, keys in blocks:
         bias = _block_positional(q, table, position_bias, scale, start, stop, keys, k_len)[2]
