@@ -55,9 +55,9 @@ def _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch, causal=True):
         calls.append(1)
         return original(*args, **kwargs)
 
-    with monkeypatch.context() as patch, torch.no_grad():
+    with monkeypatch.context() as patch:
         patch.setattr(fused, "_forward", spy)
-        attend(q, k, v, scheme, q_pos, k_pos, causal=causal)
+        attend(q.detach().requires_grad_(), k, v, scheme, q_pos, k_pos, causal=causal)  # the training path
     return bool(calls)
 
 
@@ -81,14 +81,30 @@ LENGTHS = [(29, 29), (11, 23), (1, 17)]
 
 @pytest.mark.parametrize("q_len,k_len", LENGTHS)
 def test_forward_equals_the_naive_formula(q_len, k_len, small_blocks, monkeypatch):
+    """The training path's output (q requires grad)."""
     scheme = _scheme()
     q, k, v, q_pos, k_pos = _inputs(q_len, k_len)
     assert _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch)
+    got = attend(q.requires_grad_(), k, v, scheme, q_pos, k_pos, causal=True).detach()
     with torch.no_grad():
-        got = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
         tiled = _tiled(monkeypatch, q, k, v, scheme, q_pos, k_pos, causal=True)
     torch.testing.assert_close(got, naive_transformer_xl(scheme, q, k, v, q_pos, k_pos, True), rtol=0, atol=1e-12)
     torch.testing.assert_close(got, tiled, rtol=0, atol=1e-12)
+
+
+def test_no_grad_calls_take_the_fused_path_only_when_the_table_is_small(small_blocks, monkeypatch):
+    """Without autograd the (heads, Lk, d) distance table must be at most a quarter of the output: a batch
+    of 8 at Lq = Lk takes the fused path (and equals the formula), a batch of 1 the tiled one."""
+    scheme = _scheme()
+    calls = []
+    original = fused._forward
+    monkeypatch.setattr(fused, "_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    for starts, expected in (((0, 3, 5, 9, 11, 20, 30, 40), [1]), ((7,), [1])):
+        q, k, v, q_pos, k_pos = _inputs(29, 29, starts)
+        with torch.no_grad():
+            got = attend(q, k, v, scheme, q_pos, k_pos, causal=True)
+        assert calls == expected
+        torch.testing.assert_close(got, naive_transformer_xl(scheme, q, k, v, q_pos, k_pos, True), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("q_len,k_len", LENGTHS)

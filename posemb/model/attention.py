@@ -152,7 +152,7 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
             and scheme.relative_key_terms() is not None:
         from posemb.model.relative_keys_attention import relative_keys_attention, relative_keys_attention_applies
 
-        if relative_keys_attention_applies(q, k, v, scheme, q_positions, k_positions):
+        if relative_keys_attention_applies(q, k, v, scheme, q_positions, k_positions, needs_grad=needs_grad):
             return relative_keys_attention(q, k, v, scheme, needs_grad=needs_grad)
     if causal and _FAR_FIELD_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
             and scheme.far_reach() is not None:
