@@ -48,8 +48,8 @@ from posemb.registry import available
 TASKS = ("lm", "passkey")
 EVAL_FACTORS = (1, 2, 4, 8, 16)
 
-#: ``quick`` was sized for 15 minutes on 2 CPU cores; with 15 default schemes it takes about 17 (docs/study.md says how it
-#: was measured); ``full`` is a larger model trained longer, meant for a GPU.
+#: ``quick`` was sized for 15 minutes on 2 CPU cores; with 16 default schemes it took 19.6 minutes on partly shared
+#: cores (docs/study.md says how it was measured); ``full`` is a larger model trained longer, meant for a GPU.
 PROFILES: dict[str, dict] = {
     "quick": dict(model=ModelConfig(dim=128, depth=3, heads=4),
                   train=TrainConfig(train_length=128, batch_size=32, steps=300, lr=2e-3, warmup_steps=30),

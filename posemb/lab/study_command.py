@@ -103,7 +103,7 @@ def add_parser(subparsers) -> None:
                         help="lm: next-byte loss by length (default); passkey: key retrieval by length and depth")
     parser.add_argument("--data", default=None, help="a text file or directory (default: the stdlib's .py files)")
     parser.add_argument("--profile", default="quick", choices=sorted(PROFILES),
-                        help="quick: about 17 minutes on 2 CPU cores (default); full: larger model, longer, for a GPU")
+                        help="quick: about 20 minutes on 2 CPU cores (default); full: larger model, longer, for a GPU")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (profile default)")
     parser.add_argument("--train-length", type=int, default=None, help="training sequence length L_train")
     parser.add_argument("--eval-lengths", default=None,
