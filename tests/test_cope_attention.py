@@ -216,3 +216,16 @@ def test_a_subclass_with_its_own_term_takes_the_generic_path(monkeypatch):
     assert scheme.cope_parameters() is None
     q, k, v, q_pos, k_pos = _inputs(12, 12)
     assert not _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch)
+
+
+def test_a_subclass_with_a_value_term_takes_the_generic_path(monkeypatch):
+    """The fused path computes CoPE's own terms only: a subclass adding relative_values (or its own
+    prepare_relative) must run through the hooks, or its term would be silently dropped."""
+    scheme = _scheme()
+
+    class WithValues(type(scheme)):
+        def relative_values(self, probs, *args, **kwargs):
+            return probs.sum(-1, keepdim=True) * torch.ones(probs.shape[-3], 1, 8, dtype=probs.dtype)
+
+    scheme.__class__ = WithValues
+    assert scheme.cope_parameters() is None

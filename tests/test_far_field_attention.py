@@ -258,3 +258,15 @@ def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
                                         create_graph=True)
     (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
     torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+
+
+def test_a_row_term_with_three_dimensions_is_sliced_by_heads():
+    """FarTerms promise shapes broadcastable to (batch, heads, 1, Lk): a (heads, 1, Lk) row is sliced on its
+    heads axis (third from the end) when the kernel runs one group of heads at a time."""
+    from posemb.schemes.base import FarTerms
+
+    row = torch.arange(3 * 7, dtype=torch.float64).view(3, 1, 7)
+    picked = far_field._heads_of(FarTerms(None, row, None), slice(1, 2), 3)
+    torch.testing.assert_close(picked.row, row[1:2])
+    shared = torch.ones(1, 1, 7)
+    assert far_field._heads_of(FarTerms(None, shared, None), slice(1, 2), 3).row is shared

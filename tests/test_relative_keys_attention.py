@@ -208,3 +208,14 @@ def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
                                         q, create_graph=True)
     (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
     torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("hook", ["relative_values", "prepare_relative"])
+def test_subclasses_overriding_other_hooks_take_the_generic_path(hook):
+    """The fused path computes Transformer-XL's own terms only: a subclass with its own value term or
+    per-call state must run through the hooks (a review found both silently dropped otherwise)."""
+    scheme = _scheme()
+    base = type(scheme)
+    subclass = type("Changed", (base,), {hook: lambda self, *a, **kw: getattr(base, hook)(self, *a, **kw)})
+    scheme.__class__ = subclass
+    assert scheme.relative_key_terms() is None

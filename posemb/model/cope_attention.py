@@ -63,7 +63,8 @@ def cope_attention(q: Tensor, k: Tensor, v: Tensor, scheme, *, needs_grad: bool)
 
 
 def _blocks(q: Tensor, k: Tensor) -> list[tuple[int, int, int]]:
-    """(start, stop, keys) of the query blocks: about ``_CONTENT_RECOMPUTE_ELEMENTS`` logits each."""
+    """(start, stop, keys) of the query blocks: at most ``min(_CONTENT_RECOMPUTE_ELEMENTS, BLOCK_ELEMENTS)``
+    logits each (one query row at least)."""
     batch, heads, q_len = q.shape[:3]
     offset = k.shape[-2] - q_len
     budget = max(1, min(_attention._CONTENT_RECOMPUTE_ELEMENTS, BLOCK_ELEMENTS) // (batch * heads))

@@ -118,22 +118,28 @@ def _far_operands(q: Tensor, k: Tensor, v: Tensor, terms: FarTerms, reach: int):
     return first, q_far, k_far, v_far, square, mask
 
 
-def _head_groups(q: Tensor, terms: FarTerms) -> list[slice]:
+def _head_groups(q: Tensor, k: Tensor, terms: FarTerms) -> list[slice]:
     """Heads per far-field kernel call: all of them when q, k, v go in as they are (views, no copies);
-    with a per-key row (q', k', v' widened copies, DeBERTa) groups whose three copies together hold about a
-    quarter of the output's elements, so that a no-grad call's peak stays near plain attention's."""
+    with a per-key row (q', k', v' widened copies, DeBERTa) groups whose copies (q' over Lq, k' and v' over
+    Lk, each d + 1 wide) hold at most about a quarter of the output's elements, and at least one head: at
+    Lq = Lk that is one head per call below about 12 heads; with a KV cache (short Lq, long Lk) one head's
+    copies may exceed it, which no grouping avoids."""
     heads = q.shape[1]
     if terms.row is None:
         return [slice(0, heads)]
-    per_head = 3 * q.shape[0] * q.shape[2] * (q.shape[3] + 1)
+    per_head = q.shape[0] * (q.shape[2] + 2 * k.shape[2]) * (q.shape[3] + 1)
     size = max(1, min(heads, q.shape[0] * heads * q.shape[2] * q.shape[3] // (4 * per_head)))
     return [slice(start, min(heads, start + size)) for start in range(0, heads, size)]
 
 
 def _heads_of(terms: FarTerms, group: slice, heads: int) -> FarTerms:
-    """``terms`` restricted to a group of heads (terms broadcast over the heads stay as they are)."""
+    """``terms`` restricted to a group of heads: each term broadcasts to (batch, heads, ., .), so its heads
+    axis is the third from the end; terms broadcast over the heads (size 1 there, or fewer dimensions)
+    stay as they are."""
     def pick(tensor):
-        return tensor if tensor is None or tensor.dim() < 2 or tensor.shape[1] != heads else tensor[:, group]
+        if tensor is None or tensor.dim() < 3 or tensor.shape[-3] != heads:
+            return tensor
+        return tensor[..., group, :, :]
     return FarTerms(pick(terms.column), pick(terms.row), pick(terms.value))
 
 
@@ -174,7 +180,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positi
     # The output buffer starts as the far part; each band block is merged into its rows in place, so the
     # peak holds this buffer and one group of heads' kernel operands, not whole-length far and band copies.
     out = q.new_zeros(batch, heads, q_len, head_dim, dtype=stats)
-    for group in _head_groups(q, terms):
+    for group in _head_groups(q, k, terms):
         first, q_far, k_far, v_far, square, mask = _far_operands(q[:, group], k[:, group], v[:, group],
                                                                  _heads_of(terms, group, heads), reach)
         far_out, far_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(

@@ -20,7 +20,9 @@ With autograd on CPU (:class:`_KeyBiasAttention`): each block runs PyTorch's fus
 (``_scaled_dot_product_flash_attention_for_cpu``), which returns the rows' log-sum-exps, and only the
 block's output and log-sum-exps are kept; the backward rebuilds the block's q', k' and calls the kernel's
 own backward, whose gradient of the extra key channel is ``scale dL/db_j`` (the channel holds b_j / scale). The rows' gradients then go
-back through ``key_bias`` and the per-call state to k and the scheme's parameters by autograd, once.
+back through ``key_bias`` and the per-call state to k and the scheme's parameters by autograd, block by
+block (keeping every block's row and graph for one call would hold batch * heads * Lq * Lk / BLOCK_ROWS
+values).
 Before, each block ran under ``torch.utils.checkpoint``, which repeats the block's forward in the
 backward pass: a 2048-token training step (``posemb bench --sections step``) took 1.65x NoPE's time. That
 path remains for other devices and for ``attention._CONTENT_PATH = "autograd"``, which promises plain

@@ -205,6 +205,11 @@ class PositionalScheme(nn.Module):
         is :meth:`prepare_relative`'s."""
         raise NotImplementedError(f"{type(self).__name__} has a far_reach but no far_terms")
 
+    def _overrides_any(self, owner: type, names: tuple[str, ...]) -> bool:
+        """Whether this object's class overrides any of ``names`` below ``owner`` (a fused path built from
+        ``owner``'s formulas must then step aside, so the subclass's own hooks run)."""
+        return any(getattr(type(self), name) is not getattr(owner, name) for name in names)
+
     def fire_parameters(self) -> "FireParameters | None":
         """Content site only: the MLP and scalars when the logits term is FIRE's ``f(psi(i - j) r_i)``
         with ``f`` a one-input ReLU MLP (:class:`posemb.functional.fire.FireParameters`); causal

@@ -73,8 +73,8 @@ class CoPE(PositionalScheme):
 
     def cope_parameters(self) -> tuple[Tensor, int] | None:
         """``(E, npos)`` for the fused path, or None for a subclass that changes how the term is computed."""
-        own = CoPE.__dict__
-        if any(getattr(type(self), name) is not own[name] for name in ("contextual_positions", "relative_logits")):
+        if self._overrides_any(CoPE, (
+                "prepare_relative", "relative_logits", "relative_values", "contextual_positions")):
             return None
         return self.position_embedding, self.npos
 

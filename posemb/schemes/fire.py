@@ -102,8 +102,8 @@ class FIRE(PositionalScheme):
         if any(module._forward_hooks or module._forward_pre_hooks for module in (self.mlp, *layers)) \
                 or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return None
-        own = FIRE.__dict__
-        if any(getattr(type(self), name) is not own[name] for name in ("fire_bias", "_heads", "relative_logits")):
+        if self._overrides_any(FIRE, (
+                "prepare_relative", "relative_logits", "relative_values", "fire_bias", "_heads")):
             return None
         first, _, second = layers
         return FireParameters(first.weight, first.bias, second.weight, second.bias, self.c, self.threshold_multiplier,

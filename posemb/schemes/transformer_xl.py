@@ -111,8 +111,8 @@ class TransformerXLRelative(PositionalScheme):
 
     def relative_key_terms(self) -> RelativeKeyTerms | None:
         """``(W_R R_d, u, v)`` for the fused path, or None for a subclass that computes its terms another way."""
-        own = TransformerXLRelative.__dict__
-        if any(getattr(type(self), name) is not own[name] for name in ("relative_logits", "relative_embeddings")):
+        if self._overrides_any(TransformerXLRelative, (
+                "prepare_relative", "relative_logits", "relative_values", "relative_embeddings")):
             return None
         return RelativeKeyTerms(self.relative_embeddings, self.content_bias, self.position_bias)
 
