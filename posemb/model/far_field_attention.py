@@ -167,7 +167,7 @@ def _band_logits(q: Tensor, k: Tensor, scheme: PositionalScheme, q_positions: Te
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positions: Tensor, k_positions: Tensor,
-             reach: int) -> tuple[Tensor, Tensor, Tensor]:
+             reach: int, *, group_heads: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Output (q's dtype), the merged log-sum-exp and the far keys' log-sum-exp (-inf for rows without
     far keys), both (batch, heads, Lq) in the kernel's statistics dtype (float32, float64 for float64)."""
     batch, heads, q_len, head_dim = q.shape
@@ -180,7 +180,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme, q_positi
     # The output buffer starts as the far part; each band block is merged into its rows in place, so the
     # peak holds this buffer and one group of heads' kernel operands, not whole-length far and band copies.
     out = q.new_zeros(batch, heads, q_len, head_dim, dtype=stats)
-    for group in _head_groups(q, k, terms):
+    # (training: one call for all heads; the saved activations dominate its peak, and per-head calls cost time)
+    for group in (_head_groups(q, k, terms) if group_heads else [slice(0, heads)]):
         first, q_far, k_far, v_far, square, mask = _far_operands(q[:, group], k[:, group], v[:, group],
                                                                  _heads_of(terms, group, heads), reach)
         far_out, far_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -218,7 +219,7 @@ class _FarFieldAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
                 scheme: PositionalScheme, reach: int, *params: Tensor) -> Tensor:
-        out, lse, lse_far = _forward(q, k, v, scheme, q_positions, k_positions, reach)
+        out, lse, lse_far = _forward(q, k, v, scheme, q_positions, k_positions, reach, group_heads=False)
         ctx.save_for_backward(q, k, v, out, lse, lse_far, q_positions, k_positions, *params)
         ctx.scheme, ctx.reach = scheme, reach
         return out
