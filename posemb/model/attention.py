@@ -5,7 +5,11 @@ rotation and bias sites. The content site (Shaw, Transformer-XL, DeBERTa) needs 
 inside the softmax and on the values, so it runs its own blocked loop over the scheme's hooks:
 without autograd, (rows x keys) tiles with an online softmax into the preallocated output (peak
 memory: the output plus a few tiles); with autograd, query blocks against the keys they may see.
-Never O(Lq * Lk * head_dim), and never a whole (Lq, Lk) score matrix without autograd.
+Never O(Lq * Lk * head_dim), and never a whole (Lq, Lk) score matrix without autograd. Causal calls on
+CPU of the schemes with a fused path (FIRE, CoPE, Transformer-XL, the forgetting gate, Shaw and DeBERTa
+beyond their reach) run PyTorch's fused CPU attention kernel with the scheme's term as its mask or in an
+extra channel, each with a hand-written backward (``_content_attention``; docs/architecture.md); the
+blocked loop above is their reference and takes every other call.
 """
 from __future__ import annotations
 
@@ -138,7 +142,7 @@ def _content_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     # so double backward, takes the tiled path)
     if causal and _FIRE_FUSED and (_CONTENT_PATH == "recompute" or not needs_grad) \
             and scheme.fire_parameters() is not None:
-        from posemb.model.fire_attention import fire_attention, fire_attention_applies  # imports this module
+        from posemb.model.fire_attention import fire_attention, fire_attention_applies  # (lazily: light imports)
 
         if fire_attention_applies(q, k, v, scheme, q_positions, k_positions):
             return fire_attention(q, k, v, scheme, q_positions, needs_grad=needs_grad)
