@@ -15,6 +15,8 @@ from posemb.model import TransformerLM, attention
 from posemb.model import fire_attention as fire
 from posemb.model.attention import attend
 
+from _fused_paths import assert_double_backward_matches, runs_forward
+from _fused_paths import tiled as tiled_path
 from test_key_bias_attention import loss_and_gradients
 from test_newer_schemes import LargestTensor, naive_attention, naive_fire_bias
 
@@ -46,24 +48,13 @@ def _inputs(q_len, k_len, starts=(37, 5), dtype=torch.float64, heads=3, head_dim
 
 
 def _tiled(monkeypatch, *args, **kwargs):
-    with monkeypatch.context() as patch:
-        patch.setattr(attention, "_FIRE_FUSED", False)
-        return attend(*args, **kwargs)
+    return tiled_path(monkeypatch, "_FIRE_FUSED", *args, **kwargs)
 
 
 def _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch, causal=True):
     """Whether attend() really went through the fused path (so no test here passes by falling back)."""
-    calls = []
-    original = fire._forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(fire, "_forward", spy)
-        attend(q, k, v, scheme, q_pos, k_pos, causal=causal)
-    return bool(calls)
+    with torch.no_grad():
+        return runs_forward(monkeypatch, fire, lambda: attend(q, k, v, scheme, q_pos, k_pos, causal=causal))
 
 
 def naive_fire_autograd(scheme, q, k, v, q_pos, k_pos):
@@ -260,17 +251,9 @@ def test_training_call_keeps_every_tensor_within_a_block(monkeypatch):
 def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
     """_CONTENT_PATH = "autograd" promises plain autograd (so double backward): the fused path, whose
     backward is once-differentiable, steps aside."""
-    monkeypatch.setattr(attention, "_CONTENT_PATH", "autograd")
     scheme = _scheme()
     q, k, v, q_pos, k_pos = _inputs(20, 20)
-    q.requires_grad_(True)
-    (grad,) = torch.autograd.grad(attend(q, k, v, scheme, q_pos, k_pos, causal=True).square().sum(), q,
-                                  create_graph=True)
-    (second,) = torch.autograd.grad(grad.sum(), q)
-    (grad_naive,) = torch.autograd.grad(naive_fire_autograd(scheme, q, k, v, q_pos, k_pos).square().sum(), q,
-                                        create_graph=True)
-    (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
-    torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+    assert_double_backward_matches(monkeypatch, scheme, q, k, v, q_pos, k_pos, naive_fire_autograd)
 
 
 def test_zero_first_layer_biases_give_autograds_gradients(small_blocks, monkeypatch):

@@ -13,6 +13,8 @@ from posemb.model import TransformerLM, attention
 from posemb.model import relative_keys_attention as fused
 from posemb.model.attention import attend
 
+from _fused_paths import assert_double_backward_matches, runs_forward
+from _fused_paths import tiled as tiled_path
 from test_key_bias_attention import loss_and_gradients
 from test_newer_schemes import LargestTensor
 from test_relative_schemes import naive_transformer_xl
@@ -42,23 +44,12 @@ def _inputs(q_len, k_len, starts=(37, 5), heads=3, head_dim=8, dtype=torch.float
 
 
 def _tiled(monkeypatch, *args, **kwargs):
-    with monkeypatch.context() as patch:
-        patch.setattr(attention, "_RELATIVE_KEYS_FUSED", False)
-        return attend(*args, **kwargs)
+    return tiled_path(monkeypatch, "_RELATIVE_KEYS_FUSED", *args, **kwargs)
 
 
 def _takes_fused_path(scheme, q, k, v, q_pos, k_pos, monkeypatch, causal=True):
-    calls = []
-    original = fused._forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(fused, "_forward", spy)
-        attend(q.detach().requires_grad_(), k, v, scheme, q_pos, k_pos, causal=causal)  # the training path
-    return bool(calls)
+    """Whether the training path (q requires grad) really went through the fused path."""
+    return runs_forward(monkeypatch, fused, lambda: attend(q.detach().requires_grad_(), k, v, scheme, q_pos, k_pos, causal=causal))
 
 
 def naive_transformer_xl_autograd(scheme, q, k, v, q_pos, k_pos):
@@ -197,17 +188,9 @@ def test_training_call_keeps_every_tensor_within_a_block(monkeypatch):
 
 
 def test_plain_autograd_setting_keeps_double_backward(monkeypatch):
-    monkeypatch.setattr(attention, "_CONTENT_PATH", "autograd")
     scheme = _scheme()
     q, k, v, q_pos, k_pos = _inputs(12, 12)
-    q.requires_grad_(True)
-    (grad,) = torch.autograd.grad(attend(q, k, v, scheme, q_pos, k_pos, causal=True).square().sum(), q,
-                                  create_graph=True)
-    (second,) = torch.autograd.grad(grad.sum(), q)
-    (grad_naive,) = torch.autograd.grad(naive_transformer_xl_autograd(scheme, q, k, v, q_pos, k_pos).square().sum(),
-                                        q, create_graph=True)
-    (second_naive,) = torch.autograd.grad(grad_naive.sum(), q)
-    torch.testing.assert_close(second, second_naive, rtol=0, atol=1e-10)
+    assert_double_backward_matches(monkeypatch, scheme, q, k, v, q_pos, k_pos, naive_transformer_xl_autograd)
 
 
 @pytest.mark.parametrize("hook", ["relative_values", "prepare_relative"])

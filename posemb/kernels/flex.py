@@ -95,6 +95,34 @@ def _antidiagonal_sums(x: Tensor) -> Tensor:
     return padded.unflatten(-1, (rows, cols + rows - 1)).sum(-2)
 
 
+def run_sums(values: Tensor, edges: Tensor) -> Tensor:
+    """Sums of ``values`` (..., K) over contiguous runs of keys, (..., R): run t holds keys
+    ``edges[..., t] <= j < edges[..., t + 1]`` (``edges`` (..., R + 1), ascending, from 0 to K; broadcast
+    over leading dimensions of ``values`` it does not have). Each row's inclusive cumulative sum read at the
+    run edges, differenced: a scatter-free segment sum (``scatter_add`` into per-run bins serialises on
+    runs of equal indices: measured 1.7x slower for FIRE's runs)."""
+    totals = values.cumsum(-1)
+    edges = edges.expand(*totals.shape[:-1], edges.shape[-1])
+    prefix = totals.gather(-1, (edges - 1).clamp_(min=0)).masked_fill_(edges == 0, 0.0)
+    return prefix.diff(dim=-1)
+
+
+def query_block_rows(q_len: int, per_row: int, block: int = QUERY_BLOCK,
+                     budget: int = _TOEPLITZ_BACKWARD_ELEMENTS) -> int:
+    """Query rows per block of a blocked fused path: ``block``, fewer when ``per_row`` elements a row (its
+    mask or scores over all keys, times batch and heads) would pass ``budget`` elements a block; at least 1."""
+    return max(1, min(block, q_len, budget // max(1, per_row)))
+
+
+def flash_cpu_operands(q: Tensor, k: Tensor, v: Tensor, dtypes: tuple) -> bool:
+    """Whether q, k, v can go to the CPU flash kernel as they are: CPU, one dtype among ``dtypes``, one batch
+    size and head count (the kernel does not broadcast), values as wide as the keys, at least as many keys
+    as queries, and not inside ``torch.compile`` tracing."""
+    return (q.device.type == "cpu" and q.dtype in dtypes and q.dtype == k.dtype == v.dtype
+            and v.shape[-1] == q.shape[-1] and k.shape[-2] >= q.shape[-2]
+            and q.shape[:2] == k.shape[:2] == v.shape[:2] and not torch.compiler.is_compiling())
+
+
 def block_scores_backward(q_block: Tensor, k_block: Tensor, v_block: Tensor, grad_block: Tensor, out: Tensor,
                           lse: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``(P, dS)`` of one block of ``softmax(scale q k^T + mask) v`` from its output and log-sum-exps

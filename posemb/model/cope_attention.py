@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from posemb.kernels.flex import flash_cpu_operands, run_sums
 from posemb.model import attention as _attention
 
 _DTYPES = (torch.float32, torch.float64)
@@ -47,9 +48,7 @@ BLOCK_ELEMENTS = 1 << 19
 def cope_attention_applies(q: Tensor, k: Tensor, v: Tensor, scheme) -> bool:
     """Whether this causal call can take the fused CoPE path: CPU tensors of one supported dtype and batch
     size, values as wide as the keys, at least as many keys as queries, not traced."""
-    return (scheme.cope_parameters() is not None and q.device.type == "cpu" and q.dtype in _DTYPES
-            and q.dtype == k.dtype == v.dtype and v.shape[-1] == q.shape[-1] and k.shape[-2] >= q.shape[-2]
-            and q.shape[:2] == k.shape[:2] == v.shape[:2] and not torch.compiler.is_compiling())
+    return scheme.cope_parameters() is not None and flash_cpu_operands(q, k, v, _DTYPES)
 
 
 def cope_attention(q: Tensor, k: Tensor, v: Tensor, scheme, *, needs_grad: bool) -> Tensor:
@@ -119,10 +118,7 @@ class _Block:
         the row's cumulative sums (no ``scatter_add``, whose runs of equal indices serialise)."""
         if not hasattr(self, "_edges"):  # the first key of each run, n = 0 .. npos (once per block)
             self._edges = torch.searchsorted(self.positions, self._levels.contiguous())
-        edges = self._edges
-        totals = values.cumsum(-1)
-        prefix = totals.gather(-1, (edges - 1).clamp_(min=0)).masked_fill_(edges == 0, 0.0)
-        return prefix.diff(dim=-1)
+        return run_sums(values, self._edges)
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, embedding: Tensor, npos: int, scale: float):

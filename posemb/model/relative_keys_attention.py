@@ -32,7 +32,8 @@ from torch.autograd.function import once_differentiable
 
 from posemb.functional.relative import consecutive_offset
 from posemb.kernels.flex import (_TOEPLITZ_BACKWARD_ELEMENTS, QUERY_BLOCK, _toeplitz_blocks, backward_sub_blocks,
-                                 block_input_gradients, block_scores_backward)
+                                 block_input_gradients, block_scores_backward, flash_cpu_operands,
+                                 query_block_rows)
 
 _DTYPES = (torch.float32, torch.float64)
 #: distances embedded per step when building the table without autograd
@@ -53,9 +54,7 @@ def relative_keys_attention_applies(q: Tensor, k: Tensor, v: Tensor, scheme, q_p
     if not needs_grad and 4 * q.shape[1] * k.shape[-2] * q.shape[-1] > q.numel():
         return False
     terms = scheme.relative_key_terms()
-    if terms is None or q.device.type != "cpu" or q.dtype not in _DTYPES or not (q.dtype == k.dtype == v.dtype) \
-            or v.shape[-1] != q.shape[-1] or k.shape[-2] < q.shape[-2] or torch.compiler.is_compiling() \
-            or q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2] or terms.position_bias.shape[0] != q.shape[1]:
+    if terms is None or terms.position_bias.shape[0] != q.shape[1] or not flash_cpu_operands(q, k, v, _DTYPES):
         return False
     return consecutive_offset(q_positions, k_positions) == k.shape[-2] - q.shape[-2]
 
@@ -88,7 +87,7 @@ def _block_rows(q: Tensor, k_len: int) -> int:
     """Query rows per block: QUERY_BLOCK, fewer when a block's per-distance scores (batch, heads, rows,
     rows + Lk - 1) would pass the Toeplitz backward's element budget (so a no-grad call's peak stays a few
     such blocks beside the output)."""
-    return max(1, min(QUERY_BLOCK, q.shape[-2], _TOEPLITZ_BACKWARD_ELEMENTS // (q.shape[0] * q.shape[1] * k_len)))
+    return query_block_rows(q.shape[-2], q.shape[0] * q.shape[1] * k_len, QUERY_BLOCK, _TOEPLITZ_BACKWARD_ELEMENTS)
 
 
 def _block_positional(q: Tensor, table: Tensor, position_bias: Tensor, scale: float, start: int, stop: int,
