@@ -110,12 +110,13 @@ class _Call:
             psi_rev, r = _tables(c, multiplier, q_positions, k_len, threshold, eps, self.block)
         self.psi_rev, self.r_rev = psi_rev.to(q.dtype), r.flip(-1).to(q.dtype).contiguous()
 
-    def block_terms(self, start: int, stop: int, keys: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def block_terms(self, start: int, stop: int, keys: int,
+                    runs: bool = True) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """Rows [start, stop) reversed against keys [0, keys): ``(bias, m, runs, coef)``, the bias
         (batch or 1, heads, rows, keys) with the causal triangle at -inf, ``m = -n`` (batch or 1, rows,
         keys), the keys where each row's runs start (batch or 1, rows, 2 kinks + 2: 0, the kink crossings in
-        ascending order, keys; run t holds the pairs of table index t) and each pair's (slope, intercept)
-        ``coef`` (..., 2 heads)."""
+        ascending order, keys; run t holds the pairs of table index t; None without ``runs``) and each
+        pair's (slope, intercept) ``coef`` (..., 2 heads)."""
         rows, heads = stop - start, self.heads
         psi = self.psi_rev.as_strided((rows, keys), (1, 1), self.k_len - keys)
         r = self.r_rev[:, self.q_len - stop:self.q_len - start]
@@ -134,9 +135,12 @@ class _Call:
         # reversed row i' sees keys j <= keys - 1 - i': the last `rows` columns hold the causal triangle
         hidden = torch.ones(rows, rows, dtype=torch.bool, device=m.device).triu_(1).flip(0)
         bias[..., keys - rows:].masked_fill_(hidden, float("-inf"))
+        if not runs:  # (the forward needs only the bias)
+            return bias, m, None, coef
         edges = boundaries.sort(-1).values
-        runs = torch.cat([edges.new_zeros(*edges.shape[:-1], 1), edges, edges.new_full((*edges.shape[:-1], 1), keys)], -1)
-        return bias, m, runs, coef
+        first, last = edges.new_zeros(*edges.shape[:-1], 1), edges.new_full((*edges.shape[:-1], 1), keys)
+        edges = torch.cat([first, edges, last], -1)
+        return bias, m, edges, coef
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, tensors: tuple, q_positions: Tensor, k_len: int, threshold: float,
@@ -146,7 +150,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, tensors: tuple, q_positions: Tenso
     blocks = _toeplitz_blocks(call.q_len, k_len, True, call.block)
     outputs, lses = [], []
     for start, stop, keys in blocks:
-        bias = call.block_terms(start, stop, keys)[0]
+        bias = call.block_terms(start, stop, keys, runs=False)[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, start:stop].flip(2), k[:, :, :keys], v[:, :, :keys], attn_mask=bias, scale=scale)[:2]
         outputs.append(out)
@@ -229,4 +233,5 @@ def _parameter_gradients(call: _Call, tensors: tuple, sum_g: Tensor, sum_gm: Ten
             d_c, d_multiplier = torch.autograd.grad(
                 [psi_rev, r.flip(-1)], leaves, [d_psi.to(torch.float64), d_r.to(torch.float64)], allow_unused=True)
     return (d_w1.reshape(w1.shape).to(w1.dtype), d_b1.to(b1.dtype), d_w2.to(w2.dtype), d_b2.to(b2.dtype),
-            None if d_c is None else d_c.to(c.dtype), None if d_multiplier is None else d_multiplier.to(multiplier.dtype))
+            None if d_c is None else d_c.to(c.dtype),
+            None if d_multiplier is None else d_multiplier.to(multiplier.dtype))

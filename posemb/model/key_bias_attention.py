@@ -19,10 +19,10 @@ forward + backward in about half the tiled path's time.
 With autograd on CPU (:class:`_KeyBiasAttention`): each block runs PyTorch's fused CPU flash kernel
 (``_scaled_dot_product_flash_attention_for_cpu``), which returns the rows' log-sum-exps, and only the
 block's output and log-sum-exps are kept; the backward rebuilds the block's q', k' and calls the kernel's
-own backward, whose gradient of the extra key channel is ``scale dL/db_j`` (the channel holds b_j / scale). The rows' gradients then go
-back through ``key_bias`` and the per-call state to k and the scheme's parameters by autograd, block by
-block (keeping every block's row and graph for one call would hold batch * heads * Lq * Lk / BLOCK_ROWS
-values).
+own backward, whose gradient of the extra key channel is ``scale dL/db_j`` (the channel holds b_j / scale).
+The rows' gradients then go back through ``key_bias`` and the per-call state to k and the scheme's
+parameters by autograd, block by block (keeping every block's row and graph for one call would hold
+batch * heads * Lq * Lk / BLOCK_ROWS values).
 Before, each block ran under ``torch.utils.checkpoint``, which repeats the block's forward in the
 backward pass: a 2048-token training step (``posemb bench --sections step``) took 1.65x NoPE's time. That
 path remains for other devices and for ``attention._CONTENT_PATH = "autograd"``, which promises plain
@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from posemb.kernels.flex import flash_cpu_operands
 from posemb.model import attention as _attention
 from posemb.model.attention import causal_mask
 from posemb.model.content_autograd import _state_leaves
@@ -70,9 +71,7 @@ def key_bias_attention(q: Tensor, k: Tensor, v: Tensor, scheme: PositionalScheme
     q_len, k_len = q.shape[-2], k.shape[-2]
     offset = k_len - q_len
     scale = scheme.logit_scale(q.shape[-1])
-    if needs_grad and _attention._CONTENT_PATH == "recompute" and q.device.type == "cpu" \
-            and q.dtype in _FLASH_DTYPES and q.dtype == k.dtype == v.dtype and q.shape[:2] == k.shape[:2] == v.shape[:2] \
-            and not torch.compiler.is_compiling():
+    if needs_grad and _attention._CONTENT_PATH == "recompute" and flash_cpu_operands(q, k, v, _FLASH_DTYPES):
         kept: list[tuple[Tensor, Tensor]] = []
         _state_leaves(state, kept, None, None)
         return _KeyBiasAttention.apply(q, k, v, (scheme, state, offset, scale), *(tensor for tensor, _ in kept))
