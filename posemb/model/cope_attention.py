@@ -41,7 +41,8 @@ from posemb.model import attention as _attention
 _DTYPES = (torch.float32, torch.float64)
 #: logits (batch * heads * rows * keys) per block, at most: a block holds about ten tensors of that size at
 #: once (scores, gates, positions, weights, the two gathered tables, an int64 index). Training step of the
-#: bench's model at 2048 / its peak at 4096 (2 threads): 2^21 600-632 ms / 333-339 MiB, 2^19 542 ms / 315 MiB
+#: bench's model at 2048 / its peak at 4096, two runs of ``python bench/content_paths_probe.py 2``: 2^21
+#: 551-635 ms / 334-349 MiB, 2^20 502-527 ms / 317 MiB, 2^19 504-519 ms / 293-330 MiB
 BLOCK_ELEMENTS = 1 << 19
 
 

@@ -48,8 +48,9 @@ def relative_keys_attention_applies(q: Tensor, k: Tensor, v: Tensor, scheme, q_p
 
     Without autograd also: the (heads, Lk, d) distance table at most a quarter of the output. The table
     is shared by the batch, and at batch 1 it is as large as the output, which the tiled path (whose
-    tables cover one diagonal of tiles) never holds: at L = 4096, batch 1, 8 heads it measured 26 MiB
-    against 13.5 MiB tiled and 9.3 MiB for plain SDPA, for a forward only ~20 % faster. Training keeps the
+    tables cover one diagonal of tiles) never holds: at L = 4096, batch 1, 8 heads the fused path called
+    directly peaked at 29.8 MiB against 14.5 MiB tiled and 9.3 MiB for plain SDPA, for a forward only 15 %
+    faster (``python bench/content_paths_probe.py 2``). Training keeps the
     fused path at any batch (its peak is dominated by the saved activations)."""
     if not needs_grad and 4 * q.shape[1] * k.shape[-2] * q.shape[-1] > q.numel():
         return False
