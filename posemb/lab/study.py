@@ -41,6 +41,7 @@ from posemb.lab.evaluate import HYBRIDS, ROPE_VARIANTS, TRAINING_VARIANTS, parse
 from posemb.lab.outdir import OutputDir
 from posemb.lab.progress import StudyLog, format_seconds
 from posemb.lab.report import REPORT_FILES, render_report
+from posemb.lab.parallel_runs import AUTO, resolve_jobs, run_in_workers
 from posemb.lab.runs import RunFolder, run_one
 from posemb.lab.train import MAX_LENGTH, ModelConfig, TrainConfig
 from posemb.registry import available
@@ -107,6 +108,9 @@ class StudyConfig:
     rope_variants: tuple[str, ...] = ROPE_VARIANTS
     device: str = "auto"
     threads: int | None = None
+    #: runs trained at once, each in a worker process (a positive int, or "auto": one per CPU on a CPU
+    #: device; :mod:`posemb.lab.parallel_runs`); 1 trains them one after another in this process
+    jobs: int | str = 1
     progress: bool = True
     checkpoint_every_s: float = 30.0
     force: bool = False  # replace report files that posemb did not write, or wrote for another study
@@ -154,6 +158,8 @@ class StudyConfig:
             check_choice("rope variant", variant, ROPE_VARIANTS)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
+        if self.jobs != AUTO and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
+            raise ValueError(f"jobs must be a positive int or {AUTO!r}, got {self.jobs!r}")
         if self.task == "passkey":
             if self.data is not None:
                 raise ValueError("--data applies to --task lm; passkey samples are built from their own filler")
@@ -170,9 +176,9 @@ class StudyConfig:
 
     def report_identity(self) -> str:
         """A hash of what the report's numbers depend on (not where it goes, how it is shown, how
-        many threads, nor ``force``): the configuration the output directory's files belong to."""
+        many threads or worker processes, nor ``force``): the configuration the output directory's files belong to."""
         settings = self.to_dict()
-        for key in ("out", "device", "threads", "progress", "checkpoint_every_s", "force"):
+        for key in ("out", "device", "threads", "jobs", "progress", "checkpoint_every_s", "force"):
             settings.pop(key)
         return _hash(settings)
 
@@ -318,27 +324,52 @@ def _run_study(config: StudyConfig, hooks: StudyHooks, command: str | None, out_
     eval_hash = _hash({"lengths": list(config.eval_lengths), "eval_tokens": eval_tokens,
                        "passkey_samples": config.passkey_samples, "format": 2})
     runs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
+    jobs, job_threads = resolve_jobs(config.jobs, len(runs), device, info.world_size, config.threads)
+    if jobs > 1 and any(hook is not None for hook in (hooks.on_train_start, hooks.on_step, hooks.after_run)):
+        raise ValueError(f"StudyHooks run in this process; with jobs={config.jobs} ({jobs} worker processes) "
+                         "they would never be called: use jobs=1")
+    if jobs > 1:
+        environment["threads"] = job_threads
+        environment["jobs"] = jobs
     log = StudyLog(len(runs), enabled=config.progress and info.is_main, warnings=info.is_main)
     if info.is_main and config.progress:
-        log.write(f"{len(runs)} run(s) on {environment['device']}, {environment['threads']} threads; "
-                  f"data: {data_description}")
-    records, trained_now, reused = [], 0, 0
-    for index, (scheme, seed) in enumerate(runs, 1):
-        log.begin_run(index)
-        run_name = f"{scheme}-seed{seed}"
-        folder = RunFolder(os.path.join(config.out, "runs", f"{run_name}-{train_hash}"))
-        record, worked = run_one(config, scheme, seed, run_name, folder, train_identity, eval_hash, corpus,
-                                 chunks, device, log, hooks)
-        trained_now += record["trained_now"]
-        reused += not record["trained_now"]
-        records.append(record)
-        log.end_run(worked=worked)
-        meta = _meta(config, environment, data_description, eval_tokens, wall_start, trained_now, reused, command)
+        workers = f" in {jobs} worker processes" if jobs > 1 else ""
+        threads = environment["threads"]
+        log.write(f"{len(runs)} run(s) on {environment['device']}{workers}, {threads} thread{'s' * (threads != 1)}"
+                  f"{' each' if jobs > 1 else ''}; data: {data_description}")
+    counts = {"trained_now": 0, "reused": 0}
+    landed: dict[int, dict] = {}
+
+    def land(index: int, record: dict) -> None:
+        """One run's record: counted, and the report rewritten so that partial results survive a kill."""
+        counts["trained_now"] += record["trained_now"]
+        counts["reused"] += not record["trained_now"]
+        landed[index] = record
         if out_dir is not None:
-            _write_report(out_dir, config.task, records, meta, plots=False)  # partial results survive a kill
-        barrier()
-        if hooks.after_run is not None:
-            hooks.after_run(run_name)
+            meta = _meta(config, environment, data_description, eval_tokens, wall_start, counts["trained_now"],
+                         counts["reused"], command)
+            _write_report(out_dir, config.task, [landed[i] for i in sorted(landed)], meta, plots=False)
+
+    def folder_of(scheme: str, seed: int) -> RunFolder:
+        return RunFolder(os.path.join(config.out, "runs", f"{scheme}-seed{seed}-{train_hash}"))
+
+    if jobs > 1:
+        work = [(scheme, seed, f"{scheme}-seed{seed}", str(folder_of(scheme, seed).path)) for scheme, seed in runs]
+        run_in_workers(config, work, train_identity, eval_hash, device, jobs, job_threads, log,
+                       lambda index, record, worked: land(index, record))
+    else:
+        for index, (scheme, seed) in enumerate(runs, 1):
+            log.begin_run(index)
+            run_name = f"{scheme}-seed{seed}"
+            record, worked = run_one(config, scheme, seed, run_name, folder_of(scheme, seed), train_identity,
+                                     eval_hash, corpus, chunks, device, log, hooks)
+            log.end_run(worked=worked)
+            land(index, record)
+            barrier()
+            if hooks.after_run is not None:
+                hooks.after_run(run_name)
+    records = [landed[i] for i in sorted(landed)]
+    trained_now, reused = counts["trained_now"], counts["reused"]
     environment["load_end"] = _load()
     meta = _meta(config, environment, data_description, eval_tokens, wall_start, trained_now, reused, command)
     rows = _write_report(out_dir, config.task, records, meta, plots=True) if out_dir is not None else []

@@ -11,6 +11,7 @@ from pathlib import Path
 from posemb._validation import check_float
 from posemb.lab.distributed import dist_info, shutdown_distributed
 from posemb.lab.evaluate import ROPE_VARIANTS
+from posemb.lab.parallel_runs import AUTO
 from posemb.lab.progress import format_seconds
 from posemb.lab.study import PROFILES, TASKS, StudyConfig, make_config, run_study
 
@@ -34,9 +35,19 @@ def _name_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _jobs(text: str) -> int | str:
+    """``--jobs``: a positive integer or ``auto``."""
+    if text.strip() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--jobs must be a positive integer or {AUTO!r}, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
     overrides: dict = {"out": args.out, "task": args.task, "data": args.data, "device": args.device,
-                       "threads": args.threads, "progress": not args.no_progress, "force": args.force}
+                       "threads": args.threads, "jobs": _jobs(args.jobs), "progress": not args.no_progress, "force": args.force}
     if args.schemes is not None:
         overrides["schemes"] = _name_list(args.schemes)
         if not overrides["schemes"]:
@@ -74,6 +85,7 @@ def config_command(config: StudyConfig) -> str:
         parts += ["--data", config.data]
     if config.threads is not None:
         parts += ["--threads", str(config.threads)]
+    parts += ["--jobs", str(config.jobs)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -103,7 +115,7 @@ def add_parser(subparsers) -> None:
                         help="lm: next-byte loss by length (default); passkey: key retrieval by length and depth")
     parser.add_argument("--data", default=None, help="a text file or directory (default: the stdlib's .py files)")
     parser.add_argument("--profile", default="quick", choices=sorted(PROFILES),
-                        help="quick: about 20 minutes on 2 CPU cores (default); full: larger model, longer, for a GPU")
+                        help="quick: about 15 minutes on 2 CPU cores (default); full: larger model, longer, for a GPU")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (profile default)")
     parser.add_argument("--train-length", type=int, default=None, help="training sequence length L_train")
     parser.add_argument("--eval-lengths", default=None,
@@ -120,7 +132,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--rope-variants", default=None,
                         help=f"inference-time RoPE scalings to evaluate (default {','.join(ROPE_VARIANTS)}; 'none')")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads of each run (default: 1 with several --jobs, so that the numbers "
+                             "do not depend on the machine's CPU count; with one job, torch's own)")
+    parser.add_argument("--jobs", default=AUTO, metavar="N|auto",
+                        help="runs trained at once, each in a worker process (default auto: one per CPU on a CPU "
+                             "device, one on a GPU or under torchrun); 1: one after another in this process. "
+                             "The numbers depend on --threads, not on --jobs")
     parser.add_argument("--checkpoint-every", type=float, default=None, metavar="SECONDS",
                         help="seconds between training checkpoints (default 30; one is always written at the end)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or log lines")

@@ -1,0 +1,163 @@
+"""The study's runs in worker processes (``posemb study --jobs N``): each run trains and evaluates in a
+process of its own with ``threads`` torch threads, and the parent writes the report as runs land.
+
+Why processes: a training step of the study's small model does not keep two threads busy. On the
+project's 2-core machine two 1-thread processes train 1.19-1.32x the tokens per second of one 2-thread
+process (nope 1.25x, deberta 1.19x, shaw 1.32x at the quick profile's shape; docs/study.md, "Parallel
+runs"), so ``--jobs auto`` on a CPU runs one 1-thread worker per core.
+
+What a worker does is exactly what the parent does for a run with ``jobs=1`` (:func:`posemb.lab.runs.
+run_one` into the same run folder), so resuming, reusing finished runs and refusing damaged ones work
+the same. The numbers depend on the thread count of a run (matrix products split their sums by thread),
+not on how many runs train at once: ``jobs=2, threads=1`` gives the records of ``jobs=1, threads=1``
+to the last bit (``tests/test_parallel_runs.py``).
+
+Workers are spawned (no fork of a process that holds torch's thread pools) and each loads the corpus
+once. A failed run stops the study with its error; an interrupt ends the workers, whose checkpoints
+(written atomically every ``checkpoint_every_s``) let the same command resume.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from posemb.lab.errors import LabError
+from posemb.lab.progress import StudyLog
+
+if TYPE_CHECKING:
+    from posemb.lab.study import StudyConfig
+
+#: what ``jobs`` may be besides a positive integer
+AUTO = "auto"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int | str, runs: int, device: str, world_size: int,
+                 threads: int | None) -> tuple[int, int | None]:
+    """``(worker processes, torch threads per worker)`` for ``jobs`` (a positive int or ``"auto"``).
+
+    ``auto``: one worker per available CPU, at most one per run, on a CPU device outside ``torchrun``
+    (elsewhere 1). Threads per worker: ``threads`` when given, else 1, so that the default study's
+    numbers are the same on a machine of 2 CPUs and of 64 (a run's numbers depend on its thread
+    count); with one worker, ``threads`` as given (None: torch's own default)."""
+    if jobs == AUTO:
+        jobs = available_cpus() if device == "cpu" and world_size == 1 else 1
+        jobs = max(1, min(jobs, runs))
+    else:
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"jobs must be a positive int or {AUTO!r}, got {jobs!r}")
+        if jobs > 1 and device != "cpu":
+            raise ValueError(f"jobs={jobs} runs the study's runs in parallel CPU processes; the device is "
+                             f"{device!r}: use jobs=1 (one run at a time on the accelerator)")
+        if jobs > 1 and world_size > 1:
+            raise ValueError(f"jobs={jobs} cannot be combined with torchrun ({world_size} processes already "
+                             "share each run); use jobs=1")
+    if jobs == 1:
+        return 1, threads
+    return jobs, threads or 1
+
+
+# ---- the worker side ----------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_start(config: "StudyConfig", threads: int) -> None:
+    """Once per worker process: its threads, and the corpus and evaluation chunks the parent also built."""
+    torch.set_num_threads(threads)
+    corpus, chunks = None, None
+    if config.task == "lm":
+        from posemb.lab.data import evaluation_chunks, load_corpus
+
+        corpus = load_corpus(config.data)
+        chunks = evaluation_chunks(corpus.validation, config.eval_tokens, max(config.eval_lengths))
+    _WORKER.update(corpus=corpus, chunks=chunks)
+
+
+def _worker_run(config: "StudyConfig", scheme: str, seed: int, run_name: str, folder_path: str, train_identity: dict,
+                eval_hash: str, device: str, log_lines: bool, study_start: float) -> tuple:
+    """One run in a worker: ``("ok", record, worked)`` or ``("error", message)`` (the error as text, since
+    not every exception survives pickling back to the parent)."""
+    from posemb.lab.runs import RunFolder, run_one
+    from posemb.lab.study import StudyHooks
+
+    try:
+        # One line per event from each worker; no progress bars (several would draw over each other).
+        log = StudyLog(1, enabled=log_lines)
+        log.start -= time.time() - study_start  # elapsed time counted from the study's start, as the parent's
+        record, worked = run_one(replace(config, progress=False), scheme, seed, run_name, RunFolder(folder_path),
+                                 train_identity, eval_hash, _WORKER["corpus"], _WORKER["chunks"], device, log,
+                                 StudyHooks())
+        return "ok", record, worked
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which stops the study
+        return "error", f"{type(error).__name__}: {error}", traceback.format_exc()
+
+
+# ---- the parent side ----------------------------------------------------------------------------------
+def run_in_workers(config: "StudyConfig", runs: list[tuple[str, int, str, str]], train_identity: dict,
+                   eval_hash: str, device: str, jobs: int, threads: int, log: StudyLog,
+                   on_record: Callable[[int, dict, bool], None]) -> None:
+    """Run ``runs`` ((scheme, seed, run name, folder) each) on ``jobs`` workers of ``threads`` threads,
+    the slowest kinds first (content-site schemes); ``on_record(index, record, worked)`` is called in
+    the parent as each run lands (index into ``runs``)."""
+    order = sorted(range(len(runs)), key=lambda index: (not _is_content(runs[index][0]), index))
+    context = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
+                                   initargs=(config, threads))
+    pending: dict = {}
+    done = 0
+    study_start = time.time() - (time.perf_counter() - log.start)
+    try:
+        for index in order:
+            scheme, seed, run_name, folder = runs[index]
+            future = executor.submit(_worker_run, config, scheme, seed, run_name, folder, train_identity, eval_hash,
+                                     device, config.progress, study_start)
+            pending[future] = index
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index = pending.pop(future)
+                outcome = future.result()
+                run_name = runs[index][2]
+                if outcome[0] == "error":
+                    raise LabError(f"run {run_name} failed in its worker process: {outcome[1]}\n{outcome[2]}")
+                done += 1
+                log.current = done
+                log.write(f"{run_name}: done ({done} of {len(runs)} runs, {jobs} worker processes)")
+                on_record(index, outcome[1], outcome[2])
+    except BaseException:
+        # A failed run or an interrupt: nothing else starts, and running workers end now (their last
+        # checkpoint is on disk, written atomically).
+        for future in pending:
+            future.cancel()
+        for process in list(getattr(executor, "_processes", {}).values()):
+            process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+
+
+def _is_content(row: str) -> bool:
+    """Whether a row's scheme scores at the content site (the slowest to train: scheduled first)."""
+    from posemb.lab.evaluate import parse_row
+    from posemb.registry import available, scheme_class
+
+    base = parse_row(row, allow_evaluation=False).base  # (rows were checked before any run started)
+    # A hybrid (a per-layer pattern) is not one registered class: no cost hint, it keeps its place.
+    return base in available() and getattr(scheme_class(base), "site", None) == "content"
+
+
+__all__ = ["AUTO", "available_cpus", "resolve_jobs", "run_in_workers"]
