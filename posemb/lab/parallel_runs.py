@@ -13,7 +13,8 @@ not on how many runs train at once: ``jobs=2, threads=1`` gives the records of `
 to the last bit (``tests/test_parallel_runs.py``).
 
 Workers are spawned (no fork of a process that holds torch's thread pools) and each loads the corpus
-once. A failed run stops the study with its error; an interrupt ends the workers, whose checkpoints
+once; as with any spawned pool, a script that calls ``run_study`` with ``jobs > 1`` must do so under
+``if __name__ == "__main__":`` (the command line does). A failed run stops the study with its error; an interrupt ends the workers, whose checkpoints
 (written atomically every ``checkpoint_every_s``) let the same command resume.
 """
 from __future__ import annotations
@@ -111,9 +112,9 @@ def run_in_workers(config: "StudyConfig", runs: list[tuple[str, int, str, str]],
                    eval_hash: str, device: str, jobs: int, threads: int, log: StudyLog,
                    on_record: Callable[[int, dict, bool], None]) -> None:
     """Run ``runs`` ((scheme, seed, run name, folder) each) on ``jobs`` workers of ``threads`` threads,
-    the slowest kinds first (content-site schemes); ``on_record(index, record, worked)`` is called in
+    the slowest kinds first (:data:`SITE_ORDER`); ``on_record(index, record, worked)`` is called in
     the parent as each run lands (index into ``runs``)."""
-    order = sorted(range(len(runs)), key=lambda index: (not _is_content(runs[index][0]), index))
+    order = sorted(range(len(runs)), key=lambda index: (_cost_rank(runs[index][0]), index))
     context = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_start,
                                    initargs=(config, threads))
@@ -150,14 +151,21 @@ def run_in_workers(config: "StudyConfig", runs: list[tuple[str, int, str, str]],
     executor.shutdown(wait=True)
 
 
-def _is_content(row: str) -> bool:
-    """Whether a row's scheme scores at the content site (the slowest to train: scheduled first)."""
+#: Scheduling order by attention site, slowest first (the quick profile's runs on 1 thread, 2026-12-04:
+#: content 100-197 s, rotation 94-122 s with rope's five scalings evaluated, bias 88-104 s, input and
+#: none 84-93 s), so that the last runs to start are short and the workers finish close together.
+SITE_ORDER = ("content", "rotation", "bias")
+
+
+def _cost_rank(row: str) -> int:
+    """Where a row's scheme comes in the schedule (:data:`SITE_ORDER`; other sites and hybrids last)."""
     from posemb.lab.evaluate import parse_row
     from posemb.registry import available, scheme_class
 
     base = parse_row(row, allow_evaluation=False).base  # (rows were checked before any run started)
-    # A hybrid (a per-layer pattern) is not one registered class: no cost hint, it keeps its place.
-    return base in available() and getattr(scheme_class(base), "site", None) == "content"
+    # A hybrid (a per-layer pattern) is not one registered class: no cost hint.
+    site = getattr(scheme_class(base), "site", None) if base in available() else None
+    return SITE_ORDER.index(site) if site in SITE_ORDER else len(SITE_ORDER)
 
 
 __all__ = ["AUTO", "available_cpus", "resolve_jobs", "run_in_workers"]

@@ -109,7 +109,8 @@ class StudyConfig:
     device: str = "auto"
     threads: int | None = None
     #: runs trained at once, each in a worker process (a positive int, or "auto": one per CPU on a CPU
-    #: device; :mod:`posemb.lab.parallel_runs`); 1 trains them one after another in this process
+    #: device; :mod:`posemb.lab.parallel_runs`, whose workers are spawned: a script calling run_study with
+    #: jobs > 1 needs ``if __name__ == "__main__":``); 1 trains them one after another in this process
     jobs: int | str = 1
     progress: bool = True
     checkpoint_every_s: float = 30.0

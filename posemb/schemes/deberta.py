@@ -29,14 +29,15 @@ extreme deltas, ``rows(min) .. rows(max)``.
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from posemb._validation import check_bool, check_heads, check_table_rows, check_width, resolve_head_dim
 from posemb.functional.buckets import deberta_log_bucket
-from posemb.functional.relative import gather_relative, gather_relative_rows, query_minus_key, shared_row_pieces
+from posemb.functional.relative import (consecutive_offset, gather_relative, gather_relative_rows, query_minus_key,
+                                       shared_row_pieces, toeplitz_scores)
 from posemb.registry import register
 from posemb.schemes.base import FarTerms, PositionalScheme
 
@@ -44,6 +45,9 @@ POSITION_TERMS = ("c2p", "p2c")
 # Without autograd, blocks are cut into runs of keys of about this many keys (or the block's query
 # count) where the rows of P change (``relative_logits``).
 _PIECE_KEYS = 64
+#: blocks with consecutive positions near the diagonal read c2p and p2c through strided views
+#: (``DeBERTaRelative._toeplitz_logits``); False: the gathers everywhere (the reference)
+_TOEPLITZ = True
 
 
 def _parse_pos_att_type(pos_att_type: str | Iterable[str]) -> tuple[str, ...]:
@@ -99,6 +103,9 @@ class DeBERTaRelative(PositionalScheme):
     site = "content"
     family = "relative"
     per_layer = False
+    # The attention passes each block's index ranges, so that with consecutive positions (the call's
+    # offset in the state) the block's distances are known without reading its positions.
+    content_block_indices = True
 
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, max_relative_positions: int = 128,
                  position_buckets: int = 0, pos_att_type: str | Iterable[str] = POSITION_TERMS,
@@ -156,13 +163,18 @@ class DeBERTaRelative(PositionalScheme):
             raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
         key_r = self._projected(self.pos_key_proj, q.dtype) if self.pos_key_proj is not None else None
         query_r = self._projected(self.pos_query_proj, k.dtype) if self.pos_query_proj is not None else None
-        return _CallState(key_r, query_r)
+        offset = None if q_positions is None or k_positions is None else consecutive_offset(q_positions, k_positions)
+        return _CallState(key_r, query_r, offset)
 
     def relative_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor,
-                        *, state: "_CallState | None" = None) -> Tensor | tuple[Tensor, Tensor]:
+                        *, state: "_CallState | None" = None, rows: tuple[int, int] | None = None,
+                        keys: tuple[int, int] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """c2p + p2c, unscaled (``logit_scale`` scales them with q . k): (batch, heads, Lq, Lk), or,
         when every pair of the block reads one row of P, the broadcast terms (batch, heads, Lq, 1)
-        and (batch, heads, 1, Lk) (a tuple, summed by the attention; one of them if one term is used)."""
+        and (batch, heads, 1, Lk) (a tuple, summed by the attention; one of them if one term is used).
+
+        ``rows``, ``keys``: the block's index ranges in the attention call (given by the attention, see
+        ``content_block_indices``); with the call's positions consecutive they make the block Toeplitz."""
         if state is None:  # called on its own, outside the attention's blocked loop
             state = self.prepare_relative(q, k, q_positions, k_positions)
         elif q.shape[1] != self.num_heads:
@@ -172,7 +184,11 @@ class DeBERTaRelative(PositionalScheme):
         smallest = k.shape[-2] if _needs_grad(q, k, state) else max(_PIECE_KEYS, q.shape[-2])
         pieces = shared_row_pieces(q_positions, k_positions, self._row_range, smallest)
         if len(pieces) == 1:
-            return self._piece_logits(q, k, q_positions, k_positions, state, *pieces[0][2:])
+            first, last = pieces[0][2:]
+            if (_TOEPLITZ and first != last and state.offset is not None and rows is not None and keys is not None
+                    and q.shape[-2] + k.shape[-2] - 1 <= 2 * (last - first + 1)):
+                return self._toeplitz_logits(q, k, state, state.offset + rows[0] - keys[0])
+            return self._piece_logits(q, k, q_positions, k_positions, state, first, last)
         out = q.new_empty(*q.shape[:3], k.shape[-2])  # no autograd here: pieces are written in place
         for start, stop, first, last in pieces:
             part = self._piece_logits(q, k[:, :, start:stop], q_positions, k_positions[:, start:stop], state,
@@ -183,10 +199,45 @@ class DeBERTaRelative(PositionalScheme):
                 out[..., start:stop] = part
         return out
 
+    def relative_values(self, probs: Tensor, q_positions: Tensor, k_positions: Tensor, *, state: Any = None,
+                        rows: tuple[int, int] | None = None, keys: tuple[int, int] | None = None) -> None:
+        return None  # DeBERTa's positions only change the logits
+
     def _row_range(self, low: int, high: int) -> tuple[int, int]:
         """Rows of P for the distances ``low`` and ``high`` (the extremes of a block: rows are monotone)."""
         first, last = self.rows_of(torch.tensor([low, high])).tolist()
         return first, last
+
+    def _toeplitz_logits(self, q: Tensor, k: Tensor, state: "_CallState", offset: int) -> Tensor:
+        """c2p + p2c of a block whose query-minus-key distances are ``offset + i - j``: each term scored
+        against one embedding per distance and placed by a strided view
+        (:func:`~posemb.functional.relative.toeplitz_scores`), with no index tensor and no gather.
+
+        c2p: query i against the rows for the distances ``offset + Lq - 1, ..., offset - Lk + 1``
+        (descending), read at ``[i, Lq - 1 - i + j]``. p2c is the same view from the keys' side (key j
+        against the ascending distances, i.e. its key-minus-query distances descending, read at
+        ``[j, Lk - 1 - j + i]`` and transposed), one run of ``Lq`` keys at a time: a key meets only Lq
+        distances, so scoring each run against just its ``2 Lq - 1`` distances (instead of every key
+        against all ``Lq + Lk - 1``) is ~3x less work in a band block of 32 queries and 158 keys
+        (measured: DeBERTa's study-shape training step 0.89x the gathers' time on 1 thread, 0.95x on 2).
+        Used when the block spans at most about twice the rows of P it reads (near the diagonal; far
+        from it the gathers score only the few rows read)."""
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        table_rows = self.rows_of(torch.arange(offset + q_len - 1, offset - k_len, -1, device=q.device))
+        total = None
+        if state.key_r is not None:
+            total = toeplitz_scores(q @ state.key_r[:, table_rows].transpose(-1, -2), k_len)
+        if state.query_r is not None:
+            ascending = state.query_r[:, table_rows.flip(0)]
+            pieces = []
+            for start in range(0, k_len, q_len):
+                stop = min(k_len, start + q_len)
+                # keys start .. stop - 1 meet the distances offset - stop + 1 .. offset + Lq - 1 - start
+                table = ascending[:, k_len - stop:k_len - start + q_len - 1]
+                pieces.append(toeplitz_scores(k[..., start:stop, :] @ table.transpose(-1, -2), q_len).transpose(-1, -2))
+            p2c = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            total = p2c if total is None else total + p2c
+        return total
 
     def _piece_logits(self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor, state: "_CallState",
                       first: int, last: int) -> Tensor:
@@ -246,3 +297,4 @@ class _CallState(NamedTuple):
 
     key_r: Tensor | None     # K^r = P W_{k,r}, (H, 2 span, d), for c2p
     query_r: Tensor | None   # Q^r = P W_{q,r}, (H, 2 span, d), for p2c
+    offset: int | None = None  # the call's consecutive_offset: query minus key position is offset + i - j
