@@ -49,8 +49,9 @@ from posemb.registry import available
 TASKS = ("lm", "passkey")
 EVAL_FACTORS = (1, 2, 4, 8, 16)
 
-#: ``quick`` was sized for 15 minutes on 2 CPU cores; with 16 default schemes it took 19.6 minutes on partly shared
-#: cores (docs/study.md says how it was measured); ``full`` is a larger model trained longer, meant for a GPU.
+#: ``quick`` is sized for 15 minutes on 2 CPU cores: with 16 default schemes in two 1-thread workers it took
+#: 14 min 44 s on a quiet 2-core AMD EPYC (docs/study.md says how it was measured, and that this is at the line);
+#: ``full`` is a larger model trained longer, meant for a GPU.
 PROFILES: dict[str, dict] = {
     "quick": dict(model=ModelConfig(dim=128, depth=3, heads=4),
                   train=TrainConfig(train_length=128, batch_size=32, steps=300, lr=2e-3, warmup_steps=30),
@@ -69,7 +70,8 @@ OPT_IN_SCHEMES: dict[str, str] = {
     "rope_mixed": "a 2-D vision rotary with learned frequencies: byte sequences have no (h, w) grid",
     "mla": "changes the attention module (decoupled rope sub-head, shared rope key), not only the positions",
     "cope": "content-dependent positions over whole key rows: one study run trains at about 0.5x rope's tokens/s "
-            "(fused path, bench/study/perscheme.py), and the default study is already over its 15-minute budget",
+            "(fused path, bench/study/perscheme.py), and the default study without it already fills its 15-minute "
+            "budget (14 min 44 s on 2 cores, docs/study.md)",
     "nope_temperature": "with Llama 4's floor_scale 8192 its query scale is 1 below position 8191, so at every "
                         "length the study scores (<= 2048) it is exactly the nope row",
 }
@@ -77,10 +79,10 @@ OPT_IN_SCHEMES: dict[str, str] = {
 
 #: Rows that are not one registered scheme, opt-in with the reason: ``--schemes irope,rope+randomized``.
 OPT_IN_ROWS: dict[str, str] = {
-    **{name: "a per-layer hybrid (" + hybrid.source + "); the default study is already over its time budget "
+    **{name: "a per-layer hybrid (" + hybrid.source + "); the default study already fills its 15-minute budget "
              "(docs/study.md), so each added row is opt-in" for name, hybrid in HYBRIDS.items()},
-    **{f"SCHEME+{name}": "a training variant: one more trained run per scheme and seed, and the default study is "
-                         "already over its time budget (docs/study.md)" for name in TRAINING_VARIANTS},
+    **{f"SCHEME+{name}": "a training variant: one more trained run per scheme and seed, and the default study "
+                         "already fills its 15-minute budget (docs/study.md)" for name in TRAINING_VARIANTS},
 }
 
 
