@@ -130,3 +130,57 @@ def test_jobs_is_not_part_of_what_the_report_depends_on(tmp_path, corpus):
     # Workers change how fast, not what: a report written with jobs=1 is the same study's with jobs=2.
     assert tiny(tmp_path, corpus, jobs=1).report_identity() == tiny(tmp_path, corpus, jobs=2).report_identity()
     assert "--jobs auto" in config_command(tiny(tmp_path, corpus, jobs=AUTO))
+
+
+INTERRUPTIBLE = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a test runner may start us with SIGINT ignored)
+from posemb.cli import main
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_ends_every_worker_and_the_same_command_resumes(tmp_path, corpus):
+    """Ctrl-C (SIGINT to the process group) in the middle of training: exit 130 with one line, no worker
+    left running, and the rerun resumes from the checkpoints to the numbers of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    args = ["study", "--out", str(out), "--data", str(corpus), "--schemes", ",".join(SCHEMES), "--steps", "1500",
+            "--train-length", "16", "--eval-lengths", "16,32", "--eval-tokens", "256", "--batch-size", "4",
+            "--dim", "32", "--depth", "1", "--heads", "2", "--rope-variants", "none", "--threads", "1",
+            "--jobs", "2", "--checkpoint-every", "0.2", "--no-progress"]
+    script = tmp_path / "interruptible.py"
+    script.write_text(INTERRUPTIBLE)
+    process = subprocess.Popen([sys.executable, str(script), *args], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/checkpoint.pt")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, "the study finished before it could be interrupted: give it more steps"
+    os.killpg(process.pid, signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, stderr
+    assert "interrupted; rerun the same command to resume" in stderr
+    def group_alive():
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 20  # (multiprocessing's resource tracker takes a moment to go)
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(), "a process of the study outlived it"
+    assert not list(out.glob("runs/*/train.json")) or len(list(out.glob("runs/*/train.json"))) < len(SCHEMES)
+
+    resumed = run_study(tiny(out, corpus, steps=1500, jobs=2))
+    assert resumed["trained_now"] >= 1
+    uninterrupted = run_study(tiny(tmp_path / "whole", corpus, steps=1500, jobs=1))
+    assert numbers(resumed) == numbers(uninterrupted)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -78,6 +79,9 @@ _WORKER: dict = {}
 
 def _worker_start(config: "StudyConfig", threads: int) -> None:
     """Once per worker process: its threads, and the corpus and evaluation chunks the parent also built."""
+    # Ctrl-C reaches the whole process group; the parent alone answers it (it ends the workers, whose
+    # checkpoints are on disk), so the workers do not each print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     corpus, chunks = None, None
     if config.task == "lm":
@@ -144,8 +148,11 @@ def run_in_workers(config: "StudyConfig", runs: list[tuple[str, int, str, str]],
         # checkpoint is on disk, written atomically).
         for future in pending:
             future.cancel()
-        for process in list(getattr(executor, "_processes", {}).values()):
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        for process in processes:
             process.terminate()
+        for process in processes:
+            process.join()
         executor.shutdown(wait=True, cancel_futures=True)
         raise
     executor.shutdown(wait=True)
