@@ -52,14 +52,14 @@ def _run(scheme, q, k, v, q_pos, k_pos, *, toeplitz, far_field_path, monkeypatch
         patch.setattr(deberta, "_TOEPLITZ", toeplitz)
         patch.setattr(deberta.DeBERTaRelative, "_toeplitz_logits", spy)
         patch.setattr(attention, "_FAR_FIELD_FUSED", far_field_path)
-        patch.setattr(far_field, "BAND_ROWS", 8)
+        patch.setattr(far_field, "BAND_ROWS", 16)  # (a 29-row call: a block of 16 on the views, 13 on gathers)
         out = attend(*inputs, scheme, q_pos, k_pos, causal=True)
         grads = torch.autograd.grad((out * weights).sum(), inputs + params, allow_unused=True)
     return out.detach(), grads, len(calls)
 
 
 @pytest.mark.parametrize("far_field_path", [True, False], ids=["far-field", "tiled"])
-@pytest.mark.parametrize("q_len,k_len", [(29, 29), (11, 23)])
+@pytest.mark.parametrize("q_len,k_len", [(29, 29), (19, 37)])
 @pytest.mark.parametrize("options", OPTIONS, ids=IDS)
 def test_views_equal_the_gathers_and_the_naive_formula(options, q_len, k_len, far_field_path, monkeypatch):
     scheme = _scheme(options)
@@ -94,13 +94,27 @@ def test_relative_logits_with_block_indices_equal_the_call_without(options):
     """A block at rows 5 .. 12 against keys 2 .. 21 of a consecutive call: the views (given the indices)
     and the gathers (called without them) give the same logits."""
     scheme = _scheme(options)
-    q, k, _, q_pos, k_pos = _inputs(24, 24)
+    q, k, _, q_pos, k_pos = _inputs(40, 40)
     state = scheme.prepare_relative(q, k, q_pos, k_pos)
     assert state.offset == 0
-    rows, keys = (5, 13), (2, 22)
+    rows, keys = (5, 21), (2, 30)
     q_block, k_block = q[:, :, rows[0]:rows[1]].requires_grad_(), k[:, :, keys[0]:keys[1]]
     with_views = scheme.relative_logits(q_block, k_block, q_pos[:, rows[0]:rows[1]], k_pos[:, keys[0]:keys[1]],
                                         state=state, rows=rows, keys=keys)
     with_gathers = scheme.relative_logits(q_block, k_block, q_pos[:, rows[0]:rows[1]], k_pos[:, keys[0]:keys[1]],
                                           state=state)
     torch.testing.assert_close(with_views, with_gathers, rtol=0, atol=1e-12)
+    # Called on its own (no state: the block's own positions give its offset), with or without indices.
+    alone = scheme.relative_logits(q_block, k_block, q_pos[:, rows[0]:rows[1]], k_pos[:, keys[0]:keys[1]],
+                                   rows=rows, keys=keys)
+    torch.testing.assert_close(alone, with_gathers, rtol=0, atol=1e-12)
+
+
+def test_blocks_of_few_queries_keep_the_gathers(monkeypatch):
+    """Decoding (one query) and short blocks: one p2c product per query would cost more than the gathers."""
+    scheme = _scheme(OPTIONS[0])
+    q, k, v, q_pos, k_pos = _inputs(1, 30)
+    out, _, calls = _run(scheme, q, k, v, q_pos, k_pos, toeplitz=True, far_field_path=False,
+                         monkeypatch=monkeypatch)
+    assert calls == 0
+    torch.testing.assert_close(out, naive_deberta(scheme, q, k, v, q_pos, k_pos, True), rtol=0, atol=1e-12)

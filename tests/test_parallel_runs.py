@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posemb.cli import main as cli_main
-from posemb.lab.errors import LabError
+from posemb.lab.errors import CorruptFileError, LabError
 from posemb.lab.parallel_runs import AUTO, available_cpus, resolve_jobs
 from posemb.lab.study import StudyHooks, make_config, run_study
 from posemb.lab.study_command import config_command
@@ -77,13 +77,47 @@ def test_workers_reuse_finished_runs_and_train_the_rest(tmp_path, corpus, one_pr
     assert numbers(again) == numbers(one_process)
 
 
-def test_a_run_that_fails_in_a_worker_stops_the_study_with_its_file_named(tmp_path, corpus):
+def test_a_run_that_fails_in_a_worker_stops_the_study_as_it_would_in_one_process(tmp_path, corpus):
+    """The worker's error reaches the parent as itself: same class (so the same exit code) and message."""
     out = tmp_path / "r"
     run_study(tiny(out, corpus, schemes=("nope",), jobs=1))
     (train_json,) = out.glob("runs/nope-seed0-*/train.json")
     train_json.write_text("{not json")
-    with pytest.raises(LabError, match=r"run nope-seed0 failed in its worker process: .*train\.json"):
-        run_study(tiny(out, corpus, jobs=2, force=True))
+    errors = []
+    for jobs in (1, 2):
+        with pytest.raises(CorruptFileError) as caught:
+            run_study(tiny(out, corpus, jobs=jobs, force=True))
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "train.json" in errors[0]
+
+
+def test_cli_error_from_a_worker_is_one_line_with_its_exit_code(tmp_path, corpus, capsys):
+    """A diverging run (exit 1, one line) says the same through a worker as in one process."""
+    lines = []
+    for jobs in ("1", "2"):
+        code = cli_main(["study", "--out", str(tmp_path / jobs), "--data", str(corpus), "--schemes", "nope,alibi",
+                         "--steps", "3", "--train-length", "16", "--eval-lengths", "16", "--eval-tokens", "256",
+                         "--batch-size", "4", "--dim", "32", "--depth", "1", "--heads", "2", "--lr", "1e30",
+                         "--rope-variants", "none", "--threads", "1", "--jobs", jobs, "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        lines.append(err.strip().replace(str(tmp_path / jobs), "OUT"))
+    assert "diverged" in lines[1].lower() or "nan" in lines[1].lower() or "infinite" in lines[1].lower()
+
+
+def test_a_worker_killed_mid_run_is_a_clear_error_naming_the_runs(tmp_path, corpus, monkeypatch):
+    """A worker that dies (kill -9, the OOM killer): one error naming the unfinished runs, and advice."""
+    import posemb.lab.parallel_runs as parallel_runs
+
+    monkeypatch.setattr(parallel_runs, "_worker_run", _die)
+    with pytest.raises(LabError, match=r"ended abruptly.*unfinished: .*nope-seed0.*rerun the same command"):
+        run_study(tiny(tmp_path / "r", corpus, jobs=2))
+
+
+def _die(*args, **kwargs):  # (module level: the worker imports it by name)
+    import os
+    os._exit(9)
 
 
 def test_hooks_cannot_reach_worker_processes(tmp_path, corpus):
@@ -93,13 +127,16 @@ def test_hooks_cannot_reach_worker_processes(tmp_path, corpus):
 
 def test_resolve_jobs():
     cpus = available_cpus()
-    assert resolve_jobs(AUTO, 16, "cpu", 1, None) == (min(cpus, 16), 1 if min(cpus, 16) > 1 else None)
-    assert resolve_jobs(AUTO, 1, "cpu", 1, None) == (1, None)  # one run: this process, torch's threads
+    assert resolve_jobs(AUTO, 16, "cpu", 1, None) == (min(cpus, 16), 1)
+    assert resolve_jobs(AUTO, 1, "cpu", 1, None) == (1, 1)  # one run: this process, still 1 thread
     assert resolve_jobs(AUTO, 16, "cuda", 1, None) == (1, None)
     assert resolve_jobs(AUTO, 16, "cpu", 2, 3) == (1, 3)  # under torchrun: the ranks share each run
+    assert resolve_jobs(AUTO, 16, "cpu", 2, None) == (1, None)
     assert resolve_jobs(3, 16, "cpu", 1, None) == (3, 1)  # 1 thread each unless told
     assert resolve_jobs(3, 16, "cpu", 1, 2) == (3, 2)
+    assert resolve_jobs(64, 3, "cpu", 1, None) == (3, 1)  # no more workers than runs
     assert resolve_jobs(1, 16, "cpu", 1, 4) == (1, 4)
+    assert resolve_jobs(1, 16, "cpu", 1, None) == (1, None)
 
 
 @pytest.mark.parametrize("jobs", [0, -1, True, 1.5, "two", None])
@@ -116,13 +153,13 @@ def test_several_jobs_need_a_cpu_and_no_torchrun():
         resolve_jobs(2, 4, "cpu", 2, None)
 
 
-@pytest.mark.parametrize("value", ["0", "x", "1.5", ""])
+@pytest.mark.parametrize("value", ["0", "-1", "x", "1.5", ""])
 def test_cli_refuses_bad_jobs_in_one_line(tmp_path, corpus, capsys, value):
     code = cli_main(["study", "--out", str(tmp_path / "r"), "--data", str(corpus), "--schemes", "nope",
                      "--steps", "1", "--jobs", value, "--no-progress"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "jobs must be a positive int" in err or "--jobs must be a positive integer or 'auto'" in err
+    assert f"--jobs must be a positive integer or 'auto', got {value!r}" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -184,3 +221,72 @@ def test_ctrl_c_ends_every_worker_and_the_same_command_resumes(tmp_path, corpus)
     assert resumed["trained_now"] >= 1
     uninterrupted = run_study(tiny(tmp_path / "whole", corpus, steps=1500, jobs=1))
     assert numbers(resumed) == numbers(uninterrupted)
+
+
+ORPHAN_CHECK = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_parallel_runs import tiny
+from posemb.lab.study import run_study
+if __name__ == "__main__":
+    run_study(tiny(Path({out!r}), Path({corpus!r}), steps=100000, jobs=2))
+"""
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path, corpus):
+    """kill -9 of the study leaves it no time to end its workers; they notice and end themselves, so none
+    trains on in the run folders that the next command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    script = tmp_path / "study.py"
+    script.write_text(ORPHAN_CHECK.format(tests=str(Path(__file__).parent), out=str(out), corpus=str(corpus)))
+    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("runs/*/checkpoint.pt"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(list(out.glob("runs/*/checkpoint.pt"))) == 2, "the workers never started training"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+    def group_alive():
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    deadline = time.monotonic() + 20
+    while group_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = group_alive()
+    if alive:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not alive, "a worker outlived its killed parent"
+
+
+NO_GUARD = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_parallel_runs import tiny
+from posemb.lab.study import run_study
+run_study(tiny(Path({out!r}), Path({corpus!r}), jobs=2))
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_so(tmp_path, corpus):
+    import subprocess
+    import sys
+
+    script = tmp_path / "study.py"
+    script.write_text(NO_GUARD.format(tests=str(Path(__file__).parent), out=str(tmp_path / "r"), corpus=str(corpus)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr
+    assert "ended abruptly" in result.stderr

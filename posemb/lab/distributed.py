@@ -88,12 +88,13 @@ def shutdown_distributed(*, wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def exit_process(code: int) -> NoReturn:
+def exit_process(code: int, *, now: bool = False) -> NoReturn:
     """End the process with ``code``. A ``torchrun`` worker skips the interpreter's shutdown
     (flush, then ``os._exit``): even after a barrier and ``destroy_process_group``, gloo's threads
     can be torn down in the wrong order by C++ static destructors, which aborts a worker whose
-    work is all done and written (exit -6). A plain process exits normally."""
-    if launched_by_torchrun():
+    work is all done and written (exit -6). A plain process exits normally. ``now``: the same hard exit
+    from any thread (a study worker whose parent is gone; ``posemb.lab.parallel_runs``)."""
+    if now or launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -27,7 +27,12 @@ class CorruptFileError(LabError):
     def __init__(self, path: str | os.PathLike, reason: str, advice: str = "") -> None:
         self.path = str(path)
         self.reason = reason
+        self.advice = advice
         super().__init__(f"{self.path} is corrupt ({reason})" + (f"; {advice}" if advice else ""))
+
+    def __reduce__(self):
+        # Rebuilt from its own arguments, so that it crosses from a study worker process intact.
+        return type(self), (self.path, self.reason, self.advice)
 
 
 class TrainingDiverged(LabError):

@@ -41,7 +41,7 @@ from posemb.lab.evaluate import HYBRIDS, ROPE_VARIANTS, TRAINING_VARIANTS, parse
 from posemb.lab.outdir import OutputDir
 from posemb.lab.progress import StudyLog, format_seconds
 from posemb.lab.report import REPORT_FILES, render_report
-from posemb.lab.parallel_runs import AUTO, resolve_jobs, run_in_workers
+from posemb.lab.parallel_runs import AUTO, check_spawnable, resolve_jobs, run_in_workers
 from posemb.lab.runs import RunFolder, run_one
 from posemb.lab.train import MAX_LENGTH, ModelConfig, TrainConfig
 from posemb.registry import available
@@ -270,6 +270,13 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
     hooks = hooks or StudyHooks()
     config.validate()
     device, info = start_processes(config.device, threads=config.threads, batch_size=config.train.batch_size)
+    # The worker layout is checked before the output directory is touched.
+    jobs = resolve_jobs(config.jobs, len(config.seeds) * len(config.schemes), device, info.world_size,
+                        config.threads)[0]
+    if jobs > 1 and any(hook is not None for hook in (hooks.on_train_start, hooks.on_step, hooks.after_run)):
+        raise ValueError(f"StudyHooks run in this process; with jobs={config.jobs} ({jobs} worker processes) "
+                         "they would never be called: use jobs=1")
+    check_spawnable(jobs)
     out_dir = _open_output(config)
     try:
         return _run_study(config, hooks, command, out_dir, device, wall_start)
@@ -328,11 +335,11 @@ def _run_study(config: StudyConfig, hooks: StudyHooks, command: str | None, out_
                        "passkey_samples": config.passkey_samples, "format": 2})
     runs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
     jobs, job_threads = resolve_jobs(config.jobs, len(runs), device, info.world_size, config.threads)
-    if jobs > 1 and any(hook is not None for hook in (hooks.on_train_start, hooks.on_step, hooks.after_run)):
-        raise ValueError(f"StudyHooks run in this process; with jobs={config.jobs} ({jobs} worker processes) "
-                         "they would never be called: use jobs=1")
-    if jobs > 1:
+    if job_threads is not None:
         environment["threads"] = job_threads
+        if jobs == 1:
+            torch.set_num_threads(job_threads)  # (auto with one run: 1 thread, as each worker would have)
+    if jobs > 1:
         environment["jobs"] = jobs
     log = StudyLog(len(runs), enabled=config.progress and info.is_main, warnings=info.is_main)
     if info.is_main and config.progress:

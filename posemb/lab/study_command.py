@@ -40,9 +40,12 @@ def _jobs(text: str) -> int | str:
     if text.strip() == AUTO:
         return AUTO
     try:
-        return int(text)
+        jobs = int(text)
     except ValueError:
-        raise ValueError(f"--jobs must be a positive integer or {AUTO!r}, got {text!r}") from None
+        jobs = 0
+    if jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer or {AUTO!r}, got {text!r}")
+    return jobs
 
 
 def config_from_args(args: argparse.Namespace) -> StudyConfig:
@@ -133,8 +136,9 @@ def add_parser(subparsers) -> None:
                         help=f"inference-time RoPE scalings to evaluate (default {','.join(ROPE_VARIANTS)}; 'none')")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads of each run (default: 1 with several --jobs, so that the numbers "
-                             "do not depend on the machine's CPU count; with one job, torch's own)")
+                        help="torch CPU threads of each run (default: 1 with --jobs auto on a CPU or several --jobs, "
+                             "so that the numbers do not depend on the machine's CPU count; with --jobs 1, "
+                             "torch's own)")
     parser.add_argument("--jobs", default=AUTO, metavar="N|auto",
                         help="runs trained at once, each in a worker process (default auto: one per CPU on a CPU "
                              "device, one on a GPU or under torchrun); 1: one after another in this process. "

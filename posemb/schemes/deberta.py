@@ -48,6 +48,10 @@ _PIECE_KEYS = 64
 #: blocks with consecutive positions near the diagonal read c2p and p2c through strided views
 #: (``DeBERTaRelative._toeplitz_logits``); False: the gathers everywhere (the reference)
 _TOEPLITZ = True
+#: ... for blocks of at least this many queries: p2c runs one product per Lq keys, which for a few queries
+#: (KV-cache decoding, a short last block) costs more calls than the gathers save (measured 2.9x the
+#: gathers' time at Lq = 1, Lk = 64; 7x at Lq = 2, Lk = 200 with autograd)
+_TOEPLITZ_MIN_QUERIES = 16
 
 
 def _parse_pos_att_type(pos_att_type: str | Iterable[str]) -> tuple[str, ...]:
@@ -175,19 +179,23 @@ class DeBERTaRelative(PositionalScheme):
 
         ``rows``, ``keys``: the block's index ranges in the attention call (given by the attention, see
         ``content_block_indices``); with the call's positions consecutive they make the block Toeplitz."""
-        if state is None:  # called on its own, outside the attention's blocked loop
+        block_offset = None
+        if state is None:  # called on its own, outside the attention's blocked loop: the state's offset is the block's
             state = self.prepare_relative(q, k, q_positions, k_positions)
+            block_offset = state.offset
         elif q.shape[1] != self.num_heads:
             raise ValueError(f"DeBERTa was built for num_heads={self.num_heads}, got q of shape {tuple(q.shape)}")
+        elif state.offset is not None and rows is not None and keys is not None:
+            block_offset = state.offset + rows[0] - keys[0]  # the call's offset, moved to this block
         # Without autograd, cut the keys where the rows change, so the p2c scores k @ Q^r^T cover only
         # the rows each piece reads (not every key against every row: 4 MiB for a 512-key tile).
         smallest = k.shape[-2] if _needs_grad(q, k, state) else max(_PIECE_KEYS, q.shape[-2])
         pieces = shared_row_pieces(q_positions, k_positions, self._row_range, smallest)
         if len(pieces) == 1:
             first, last = pieces[0][2:]
-            if (_TOEPLITZ and first != last and state.offset is not None and rows is not None and keys is not None
+            if (_TOEPLITZ and first != last and block_offset is not None and q.shape[-2] >= _TOEPLITZ_MIN_QUERIES
                     and q.shape[-2] + k.shape[-2] - 1 <= 2 * (last - first + 1)):
-                return self._toeplitz_logits(q, k, state, state.offset + rows[0] - keys[0])
+                return self._toeplitz_logits(q, k, state, block_offset)
             return self._piece_logits(q, k, q_positions, k_positions, state, first, last)
         out = q.new_empty(*q.shape[:3], k.shape[-2])  # no autograd here: pieces are written in place
         for start, stop, first, last in pieces:
