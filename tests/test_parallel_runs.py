@@ -169,6 +169,23 @@ def test_jobs_is_not_part_of_what_the_report_depends_on(tmp_path, corpus):
     assert "--jobs auto" in config_command(tiny(tmp_path, corpus, jobs=AUTO))
 
 
+def group_ended(group: int, seconds: float = 20.0) -> bool:
+    """Whether every process of process group ``group`` is gone within ``seconds`` (multiprocessing's
+    resource tracker takes a moment to go after its parent)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
 INTERRUPTIBLE = """
 import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # (a test runner may start us with SIGINT ignored)
@@ -204,17 +221,7 @@ def test_ctrl_c_ends_every_worker_and_the_same_command_resumes(tmp_path, corpus)
     stderr = process.communicate(timeout=60)[1]
     assert process.returncode == 130, stderr
     assert "interrupted; rerun the same command to resume" in stderr
-    def group_alive():
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    deadline = time.monotonic() + 20  # (multiprocessing's resource tracker takes a moment to go)
-    while group_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not group_alive(), "a process of the study outlived it"
+    assert group_ended(process.pid), "a process of the study outlived it"
     assert not list(out.glob("runs/*/train.json")) or len(list(out.glob("runs/*/train.json"))) < len(SCHEMES)
 
     resumed = run_study(tiny(out, corpus, steps=1500, jobs=2))
@@ -254,20 +261,10 @@ def test_workers_end_when_their_parent_is_killed(tmp_path, corpus):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
 
-    def group_alive():
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    deadline = time.monotonic() + 20
-    while group_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    alive = group_alive()
-    if alive:
+    ended = group_ended(process.pid)
+    if not ended:
         os.killpg(process.pid, signal.SIGKILL)
-    assert not alive, "a worker outlived its killed parent"
+    assert ended, "a worker outlived its killed parent"
 
 
 NO_GUARD = """
