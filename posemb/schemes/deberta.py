@@ -194,7 +194,7 @@ class DeBERTaRelative(PositionalScheme):
         if len(pieces) == 1:
             first, last = pieces[0][2:]
             if (_TOEPLITZ and first != last and block_offset is not None and q.shape[-2] >= _TOEPLITZ_MIN_QUERIES
-                    and q.shape[-2] + k.shape[-2] - 1 <= 2 * (last - first + 1)):
+                    and 4 * (q.shape[-2] + k.shape[-2] - 1) <= 5 * (last - first + 1)):
                 return self._toeplitz_logits(q, k, state, block_offset)
             return self._piece_logits(q, k, q_positions, k_positions, state, first, last)
         out = q.new_empty(*q.shape[:3], k.shape[-2])  # no autograd here: pieces are written in place
@@ -228,15 +228,17 @@ class DeBERTaRelative(PositionalScheme):
         distances, so scoring each run against just its ``2 Lq - 1`` distances (instead of every key
         against all ``Lq + Lk - 1``) is ~3x less work in a band block of 32 queries and 158 keys
         (measured: DeBERTa's study-shape training step 0.89x the gathers' time on 1 thread, 0.95x on 2).
-        Used when the block spans at most about twice the rows of P it reads (near the diagonal; far
-        from it the gathers score only the few rows read)."""
+        Used when the block's distances are at most 1.25x the rows of P it reads: the study's band blocks
+        (32 queries, 158 keys: 189 distances, 159 rows) take it; a band block of 128 queries at batch 1
+        (381 distances, 256 rows) would score 1.5x more for c2p than the gathers, whose index is cheap
+        there (measured there: the views' training step 1.00-1.05x the gathers' at 1 x 2048)."""
         q_len, k_len = q.shape[-2], k.shape[-2]
         table_rows = self.rows_of(torch.arange(offset + q_len - 1, offset - k_len, -1, device=q.device))
         total = None
         if state.key_r is not None:
-            total = toeplitz_scores(q @ state.key_r[:, table_rows].transpose(-1, -2), k_len)
+            total = toeplitz_scores(q @ state.key_r.index_select(1, table_rows).transpose(-1, -2), k_len)
         if state.query_r is not None:
-            ascending = state.query_r[:, table_rows.flip(0)]
+            ascending = state.query_r.index_select(1, table_rows.flip(0))
             pieces = []
             for start in range(0, k_len, q_len):
                 stop = min(k_len, start + q_len)
