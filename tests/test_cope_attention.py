@@ -11,7 +11,7 @@ from posemb.model import TransformerLM, attention
 from posemb.model import cope_attention as cope
 from posemb.model.attention import attend
 
-from _fused_paths import assert_double_backward_matches, runs_forward
+from _fused_paths import assert_double_backward_matches, assert_float32_close_to_float64, runs_forward
 from _fused_paths import tiled as tiled_path
 from test_key_bias_attention import loss_and_gradients
 from test_newer_schemes import LargestTensor, naive_attention, naive_cope_term
@@ -123,9 +123,7 @@ def test_float32_is_close_to_float64():
     low_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)] + [low.position_embedding]
     out = attend(*low_leaves[:3], low, q_pos, k_pos, causal=True)
     got = torch.autograd.grad(out.square().sum(), low_leaves)
-    torch.testing.assert_close(out.double(), exact_out.detach(), rtol=0, atol=2e-5)
-    for a, b in zip(got, exact):
-        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-4 * max(1.0, b.abs().max().item()))
+    assert_float32_close_to_float64(out, got, exact_out, exact)
 
 
 def test_model_training_step_matches_tiled_path(monkeypatch):

@@ -15,7 +15,7 @@ from posemb.model import TransformerLM, attention
 from posemb.model import fire_attention as fire
 from posemb.model.attention import attend
 
-from _fused_paths import assert_double_backward_matches, runs_forward
+from _fused_paths import assert_bounded_and_equal_to_tiled, assert_double_backward_matches, runs_forward
 from _fused_paths import tiled as tiled_path
 from test_key_bias_attention import loss_and_gradients
 from test_newer_schemes import LargestTensor, naive_attention, naive_fire_bias
@@ -229,23 +229,13 @@ def test_training_call_keeps_every_tensor_within_a_block(monkeypatch):
     """At L = 1024, forward and backward: no tensor outgrows one query block's (batch, heads, 256, L) scores
     (the bias, P, dS) or its (256, L, 2 heads) segment coefficients, a quarter of one (L, L) matrix per
     head; the gradients still equal the tiled path's."""
-    from test_newer_schemes import LargestTensor
-
     length, heads = 1024, 2
     scheme = _scheme(128.0, heads=heads, width=32, dtype=torch.float32)
     q, k, v = (torch.randn(1, heads, length, 16).requires_grad_() for _ in range(3))
     pos = torch.arange(length)[None]
     bound = 2 * heads * fire.QUERY_BLOCK * length
     assert bound * 2 <= heads * length * length
-    recorder = LargestTensor()
-    with recorder:
-        out = attend(q, k, v, scheme, pos, pos, causal=True)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v, *scheme.parameters()))
-    assert recorder.largest <= bound, f"a tensor of {recorder.largest} elements, bound {bound}"
-    tiled = torch.autograd.grad(_tiled(monkeypatch, q, k, v, scheme, pos, pos, causal=True).square().sum(),
-                                (q, k, v, *scheme.parameters()))
-    for a, b in zip(grads, tiled):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+    assert_bounded_and_equal_to_tiled(monkeypatch, "_FIRE_FUSED", scheme, q, k, v, pos, bound)
 
 
 def test_plain_autograd_setting_keeps_double_backward(monkeypatch):

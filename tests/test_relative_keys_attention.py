@@ -13,10 +13,10 @@ from posemb.model import TransformerLM, attention
 from posemb.model import relative_keys_attention as fused
 from posemb.model.attention import attend
 
-from _fused_paths import assert_double_backward_matches, runs_forward
+from _fused_paths import (assert_bounded_and_equal_to_tiled, assert_double_backward_matches,
+                          assert_float32_close_to_float64, runs_forward)
 from _fused_paths import tiled as tiled_path
 from test_key_bias_attention import loss_and_gradients
-from test_newer_schemes import LargestTensor
 from test_relative_schemes import naive_transformer_xl
 
 
@@ -128,9 +128,7 @@ def test_float32_is_close_to_float64_at_real_blocks():
     low_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)] + list(low.parameters())
     out = attend(*low_leaves[:3], low, q_pos, k_pos, causal=True)
     got = torch.autograd.grad(out.square().sum(), low_leaves)
-    torch.testing.assert_close(out.double(), exact_out.detach(), rtol=0, atol=2e-5)
-    for a, b in zip(got, exact):
-        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-4 * max(1.0, b.abs().max().item()))
+    assert_float32_close_to_float64(out, got, exact_out, exact)
 
 
 def test_model_training_step_matches_tiled_path(monkeypatch):
@@ -176,15 +174,7 @@ def test_training_call_keeps_every_tensor_within_a_block(monkeypatch):
     pos = torch.arange(length)[None]
     bound = heads * fused.QUERY_BLOCK * (fused.QUERY_BLOCK + length - 1)
     assert bound * 3 <= heads * length * length
-    recorder = LargestTensor()
-    with recorder:
-        out = attend(q, k, v, scheme, pos, pos, causal=True)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v, *scheme.parameters()))
-    assert recorder.largest <= bound, f"a tensor of {recorder.largest} elements, bound {bound}"
-    tiled = torch.autograd.grad(_tiled(monkeypatch, q, k, v, scheme, pos, pos, causal=True).square().sum(),
-                                (q, k, v, *scheme.parameters()))
-    for a, b in zip(grads, tiled):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+    assert_bounded_and_equal_to_tiled(monkeypatch, "_RELATIVE_KEYS_FUSED", scheme, q, k, v, pos, bound)
 
 
 def test_plain_autograd_setting_keeps_double_backward(monkeypatch):

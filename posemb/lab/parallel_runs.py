@@ -53,6 +53,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def check_jobs(jobs) -> int | str:
+    """``jobs`` when it is a positive int or ``"auto"``; else a ``ValueError`` naming it."""
+    if jobs != AUTO and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(f"jobs must be a positive int or {AUTO!r}, got {jobs!r}")
+    return jobs
+
+
 def resolve_jobs(jobs: int | str, runs: int, device: str, world_size: int,
                  threads: int | None) -> tuple[int, int | None]:
     """``(worker processes, torch threads per run)`` for ``jobs`` (a positive int or ``"auto"``).
@@ -66,8 +73,7 @@ def resolve_jobs(jobs: int | str, runs: int, device: str, world_size: int,
     if jobs == AUTO:
         workers = max(1, min(available_cpus(), runs)) if on_cpu else 1
         return workers, threads or (1 if on_cpu else None)
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive int or {AUTO!r}, got {jobs!r}")
+    check_jobs(jobs)
     if jobs > 1 and device != "cpu":
         raise ValueError(f"jobs={jobs} runs the study's runs in parallel CPU processes; the device is "
                          f"{device!r}: use jobs=1 (one run at a time on the accelerator)")
@@ -201,4 +207,4 @@ def _cost_rank(row: str) -> int:
     return SITE_ORDER.index(site) if site in SITE_ORDER else len(SITE_ORDER)
 
 
-__all__ = ["AUTO", "available_cpus", "check_spawnable", "resolve_jobs", "run_in_workers"]
+__all__ = ["AUTO", "available_cpus", "check_jobs", "check_spawnable", "resolve_jobs", "run_in_workers"]

@@ -41,7 +41,7 @@ from posemb.lab.evaluate import HYBRIDS, ROPE_VARIANTS, TRAINING_VARIANTS, parse
 from posemb.lab.outdir import OutputDir
 from posemb.lab.progress import StudyLog, format_seconds
 from posemb.lab.report import REPORT_FILES, render_report
-from posemb.lab.parallel_runs import AUTO, check_spawnable, resolve_jobs, run_in_workers
+from posemb.lab.parallel_runs import check_jobs, check_spawnable, resolve_jobs, run_in_workers
 from posemb.lab.runs import RunFolder, run_one
 from posemb.lab.train import MAX_LENGTH, ModelConfig, TrainConfig
 from posemb.registry import available
@@ -161,8 +161,7 @@ class StudyConfig:
             check_choice("rope variant", variant, ROPE_VARIANTS)
         if self.threads is not None:
             check_int("threads", self.threads, minimum=1)
-        if self.jobs != AUTO and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
-            raise ValueError(f"jobs must be a positive int or {AUTO!r}, got {self.jobs!r}")
+        check_jobs(self.jobs)
         if self.task == "passkey":
             if self.data is not None:
                 raise ValueError("--data applies to --task lm; passkey samples are built from their own filler")
@@ -271,15 +270,16 @@ def run_study(config: StudyConfig, hooks: StudyHooks | None = None, *, command: 
     config.validate()
     device, info = start_processes(config.device, threads=config.threads, batch_size=config.train.batch_size)
     # The worker layout is checked before the output directory is touched.
-    jobs = resolve_jobs(config.jobs, len(config.seeds) * len(config.schemes), device, info.world_size,
-                        config.threads)[0]
+    workers = resolve_jobs(config.jobs, len(config.seeds) * len(config.schemes), device, info.world_size,
+                           config.threads)
+    jobs = workers[0]
     if jobs > 1 and any(hook is not None for hook in (hooks.on_train_start, hooks.on_step, hooks.after_run)):
         raise ValueError(f"StudyHooks run in this process; with jobs={config.jobs} ({jobs} worker processes) "
                          "they would never be called: use jobs=1")
     check_spawnable(jobs)
     out_dir = _open_output(config)
     try:
-        return _run_study(config, hooks, command, out_dir, device, wall_start)
+        return _run_study(config, hooks, command, out_dir, device, wall_start, workers)
     finally:
         if out_dir is not None:
             out_dir.close()
@@ -307,7 +307,8 @@ def _open_output(config: StudyConfig) -> OutputDir | None:
 
 
 def _run_study(config: StudyConfig, hooks: StudyHooks, command: str | None, out_dir: OutputDir | None,
-               device: str, wall_start: float) -> dict:
+               device: str, wall_start: float, workers: tuple[int, int | None]) -> dict:
+    """The study, once ``run_study`` has checked everything; ``workers``: :func:`resolve_jobs`'s answer."""
     info = dist_info()
     environment = _environment(device)
     train_length = config.train.train_length
@@ -334,7 +335,7 @@ def _run_study(config: StudyConfig, hooks: StudyHooks, command: str | None, out_
     eval_hash = _hash({"lengths": list(config.eval_lengths), "eval_tokens": eval_tokens,
                        "passkey_samples": config.passkey_samples, "format": 2})
     runs = [(scheme, seed) for seed in config.seeds for scheme in config.schemes]
-    jobs, job_threads = resolve_jobs(config.jobs, len(runs), device, info.world_size, config.threads)
+    jobs, job_threads = workers
     if job_threads is not None:
         environment["threads"] = job_threads
         if jobs == 1:
