@@ -2,9 +2,9 @@
 process of its own with ``threads`` torch threads, and the parent writes the report as runs land.
 
 Why processes: a training step of the study's small model does not keep two threads busy. On the
-project's 2-core machine two 1-thread processes train 1.19-1.32x the tokens per second of one 2-thread
-process (nope 1.25x, deberta 1.19x, shaw 1.32x at the quick profile's shape; docs/study.md, "Parallel
-runs"), so ``--jobs auto`` on a CPU runs one 1-thread worker per core.
+project's 2-core machine two 1-thread processes train 1.06-1.32x the tokens per second of one 2-thread
+process at the quick profile's shape (two runs of ``bench/study/parallel_steps.py``; docs/study.md,
+"Parallel runs"), so ``--jobs auto`` on a CPU runs one 1-thread worker per core.
 
 What a worker does is exactly what the parent does for a run with ``jobs=1`` (:func:`posemb.lab.runs.
 run_one` into the same run folder), so resuming, reusing finished runs and refusing damaged ones work
